@@ -1,0 +1,21 @@
+"""lightning-mp: pipeline model parallelism for any LightningModule.
+
+``import lightning_mp`` registers the strategy name ``"model_parallel"``::
+
+    import lightning as L
+    import lightning_mp
+
+    trainer = L.Trainer(strategy="model_parallel", devices=2)
+    trainer = L.Trainer(strategy=lightning_mp.ModelParallel(pipeline_parallel_size=2, schedule="1f1b"), devices=2)
+"""
+
+from lightning_mp.errors import LayoutError, ModelSplitError, PipelineError
+from lightning_mp.layout import ParallelLayout
+from lightning_mp.pipeline import build_plan
+from lightning_mp.registry import register
+from lightning_mp.strategy import ModelParallel
+
+__all__ = ["LayoutError", "ModelParallel", "ModelSplitError", "ParallelLayout", "PipelineError", "build_plan"]
+__version__ = "0.1.0"
+
+register()

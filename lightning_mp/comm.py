@@ -1,0 +1,146 @@
+"""Point-to-point messages between neighbouring stages: any structure of tensors, with shapes that may change.
+
+A forward message carries what a stage's last block returned: a tensor, or a tuple/list/dict/dataclass of
+tensors and constants. It travels as a small pickled header (the structure, and each tensor's shape, dtype and
+whether it needs a gradient) followed by one message per tensor, so the sequence length may change from
+micro-batch to micro-batch with no agreement beforehand. Gradients travel back without a header: the receiver
+knows their shapes from the forward message. Sends are asynchronous; their handles are kept until the step ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# ---- structure <-> flat list of tensors -------------------------------------------------------------------------
+
+
+def flatten(obj: Any) -> tuple[list[Tensor], Any]:
+    """Flat list of the tensors in ``obj`` and a picklable spec that :func:`unflatten` rebuilds it from."""
+    tensors: list[Tensor] = []
+    return tensors, _flatten(obj, tensors)
+
+
+def _flatten(obj: Any, out: list[Tensor]) -> Any:
+    if isinstance(obj, Tensor):
+        out.append(obj)
+        return ("tensor", len(out) - 1)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return ("namedtuple", type(obj), [_flatten(v, out) for v in obj])
+    if isinstance(obj, (list, tuple)):
+        return ("seq", type(obj), [_flatten(v, out) for v in obj])
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: _flatten(getattr(obj, f.name), out) for f in dataclasses.fields(obj) if f.init}
+        return ("dataclass", type(obj), fields)
+    if isinstance(obj, Mapping):
+        return ("mapping", type(obj), {k: _flatten(v, out) for k, v in obj.items()})
+    return ("const", obj)
+
+
+def unflatten(spec: Any, tensors: list[Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    kind = spec[0]
+    if kind == "tensor":
+        return tensors[spec[1]]
+    if kind == "const":
+        return spec[1]
+    if kind == "namedtuple":
+        return spec[1](*(unflatten(s, tensors) for s in spec[2]))
+    if kind == "seq":
+        return spec[1](unflatten(s, tensors) for s in spec[2])
+    if kind == "dataclass":
+        return spec[1](**{k: unflatten(s, tensors) for k, s in spec[2].items()})
+    values = {k: unflatten(s, tensors) for k, s in spec[2].items()}
+    return values if spec[1] is dict else spec[1](values)
+
+
+# ---- messages ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+@dataclasses.dataclass
+class Received:
+    """A forward message: the rebuilt structure and its tensors (leaves where a gradient flows back)."""
+
+    value: Any
+    tensors: list[Tensor]
+    metas: list[TensorMeta]
+
+
+class P2P:
+    """Sends and receives stage messages to and from global ranks, keeping the handles of pending sends."""
+
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.device = device
+        self.group = group
+        self._pending: list[Any] = []
+
+    # forward direction -----------------------------------------------------------------------------------------
+    def send_activation(self, value: Any, dst: int) -> list[Tensor]:
+        """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back)."""
+        tensors, spec = flatten(value)
+        metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+        header = torch.frombuffer(bytearray(pickle.dumps((spec, metas))), dtype=torch.uint8)
+        self._isend(torch.tensor([header.numel()], dtype=torch.int64), dst)
+        self._isend(header, dst)
+        for t in tensors:
+            self._isend(t.detach().contiguous(), dst)
+        return tensors
+
+    def recv_activation(self, src: int) -> Received:
+        """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
+        length = torch.empty(1, dtype=torch.int64)
+        self._recv(length, src)
+        header = torch.empty(int(length.item()), dtype=torch.uint8)
+        self._recv(header, src)
+        spec, metas = pickle.loads(header.numpy().tobytes())  # noqa: S301 - our own ranks' header
+        tensors = []
+        for meta in metas:
+            t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+            self._recv(t, src)
+            tensors.append(t.requires_grad_(meta.requires_grad and torch.is_grad_enabled()))
+        return Received(unflatten(spec, tensors), tensors, metas)
+
+    # backward direction ----------------------------------------------------------------------------------------
+    def send_grads(self, received: Received, dst: int) -> None:
+        """Send the gradients of the received leaves that needed one (zeros where none arrived)."""
+        for t, meta in zip(received.tensors, received.metas):
+            if meta.requires_grad:
+                grad = t.grad if t.grad is not None else torch.zeros_like(t)
+                self._isend(grad.contiguous(), dst)
+
+    def recv_grads(self, sent: list[Tensor], src: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward."""
+        outputs, grads = [], []
+        for t in sent:
+            if t.requires_grad:
+                g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                self._recv(g, src)
+                outputs.append(t)
+                grads.append(g)
+        return outputs, grads
+
+    # plumbing --------------------------------------------------------------------------------------------------
+    def _isend(self, tensor: Tensor, dst: int) -> None:
+        self._pending.append((dist.isend(tensor, dst, group=self.group), tensor))
+
+    def _recv(self, tensor: Tensor, src: int) -> None:
+        dist.recv(tensor, src, group=self.group)
+
+    def wait_sends(self) -> None:
+        """Block until every send posted so far has completed (their buffers may then be freed)."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()

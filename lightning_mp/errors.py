@@ -1,0 +1,13 @@
+"""Exception types of lightning-mp: each names the problem, the setting involved and the fix."""
+
+
+class LayoutError(ValueError):
+    """The parallel layout (dp × pp × tp) does not fit the world size, or a size is invalid."""
+
+
+class ModelSplitError(ValueError):
+    """The model cannot be split into pipeline stages as configured."""
+
+
+class PipelineError(RuntimeError):
+    """A pipeline step could not run: a peer failed, or the model behaved unlike at set-up."""

@@ -1,0 +1,169 @@
+"""One pipeline step of a LightningModule: micro-batches through the user's own step, on one stage of the pipeline.
+
+``build_plan`` decides the split (pure, the same on every rank); ``PipelineRunner`` applies it to the local model
+and runs training and evaluation steps: split the batch, run the schedule, combine the last stage's loss and logs,
+and share them with every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_mp.comm import P2P
+from lightning_mp.discovery import discover_layers
+from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
+from lightning_mp.microbatch import split_batch
+from lightning_mp.partition import check_explicit_balance, optimal_balance, uniform_balance
+from lightning_mp.schedules import build_schedule, forward_only
+from lightning_mp.stage import StagePlan, StageRuntime
+from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
+
+BalanceSpec = Union[Literal["uniform", "params"], Sequence[int]]
+
+
+def build_plan(root: nn.Module, num_stages: int, balance: BalanceSpec = "uniform", layers: str | None = None) -> StagePlan:
+    """Find the layers of ``root`` and assign them to ``num_stages`` stages.
+
+    Args:
+        root: the full model (a LightningModule).
+        num_stages: pipeline_parallel_size.
+        balance: "uniform" (equal layer counts), "params" (equal parameter counts, counting the modules before the
+            layers on the first stage and those after on the last), or a list of layer counts per stage.
+        layers: dotted name of the layer container; found automatically when None.
+
+    Raises:
+        ModelSplitError: the model cannot be split this way; the message names the setting that fixes it.
+    """
+    found = discover_layers(root, layers)
+    if isinstance(balance, str):
+        if balance == "uniform":
+            counts = uniform_balance(found.num_layers, num_stages)
+        elif balance == "params":
+            costs = [sum(p.numel() for p in found.layer(i).parameters()) for i in range(found.num_layers)]
+            first = _direct_params(root, found.pre)
+            last = _direct_params(root, found.post)
+            counts = optimal_balance(costs, num_stages, first, last)
+        else:
+            raise ValueError(f"balance={balance!r} is not supported: use 'uniform', 'params' or a list of layer counts.")
+        method = balance
+    else:
+        counts = check_explicit_balance(balance, found.num_layers, num_stages)
+        method = "explicit"
+    return StagePlan(found, counts, method)
+
+
+def _direct_params(root: nn.Module, names: list[str]) -> float:
+    seen: set[int] = set()
+    total = 0
+    for name in names:
+        for p in root.get_submodule(name).parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return float(total)
+
+
+class PipelineRunner:
+    """Runs training and evaluation steps of one stage.
+
+    Args:
+        module: the LightningModule, already split by ``runtime``.
+        runtime: this rank's stage.
+        pp_ranks: global ranks of this rank's pipeline group, by stage.
+        pp_group: that group (for sharing the last stage's loss and logs).
+        schedule: "gpipe", "1f1b" or "none".
+        microbatches: micro-batches per step (fewer when the batch has fewer samples).
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        runtime: StageRuntime,
+        pp_ranks: Sequence[int],
+        pp_group: dist.ProcessGroup | None,
+        schedule: str,
+        microbatches: int,
+        device: torch.device,
+    ) -> None:
+        self.module = module
+        self.runtime = runtime
+        self.pp_ranks = list(pp_ranks)
+        self.pp_group = pp_group
+        self.schedule = schedule
+        self.microbatches = 1 if schedule == "none" else microbatches
+        stage = runtime.stage
+        self.executor = PipelineExecutor(
+            runtime,
+            P2P(device),
+            prev_rank=self.pp_ranks[stage - 1] if stage > 0 else None,
+            next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
+        )
+        self.history: list[StepStats] = []
+
+    def train_step(self, hook: str, batch: Any, rest: tuple, loss_scale: float) -> Tensor:
+        """Forward and backward of every micro-batch of ``batch``; returns the batch's loss on every stage.
+
+        The gradients land in ``.grad`` (the caller sets them aside for Lightning's ``backward``); micro-batch ``i``
+        of ``b_i`` samples contributes ``loss_i * b_i / B * loss_scale``.
+        """
+        microbatches, sizes = split_batch(batch, self.microbatches)
+        total = sum(sizes)
+        weights = [s / total for s in sizes]
+        actions = build_schedule(self.schedule, self.runtime.stage, len(self.pp_ranks), len(microbatches))
+        records = LogRecords()
+        result = self.executor.run(
+            actions, self._step_fn(hook, microbatches, rest, records, weights), [w * loss_scale for w in weights]
+        )
+        loss = None
+        if self.runtime.is_last:
+            losses = [_loss_value(o) for o in result.outputs]
+            if all(v is not None for v in losses):
+                loss = sum(w * v for w, v in zip(weights, losses))  # type: ignore[misc]
+        loss = self._share(result, records, loss, total)
+        self.history.append(result.stats)
+        return loss
+
+    def eval_step(self, hook: str, batch: Any, rest: tuple) -> Any:
+        """Forward-only pipeline of ``batch`` through ``hook`` ("validation_step" or "test_step").
+
+        Returns the last micro-batch's output on the last stage and None elsewhere.
+        """
+        microbatches, sizes = split_batch(batch, self.microbatches)
+        total = sum(sizes)
+        weights = [s / total for s in sizes]
+        records = LogRecords()
+        actions = forward_only(self.runtime.stage, len(self.pp_ranks), len(microbatches))
+        result = self.executor.run(actions, self._step_fn(hook, microbatches, rest, records, weights))
+        self._share(result, records, None, total)
+        return result.outputs[-1] if self.runtime.is_last else None
+
+    def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, weights: list[float]):  # noqa: ANN202
+        step = getattr(self.module, hook)
+
+        def run(index: int) -> Any:
+            with capture_logs(self.module, records, weights[index]):
+                return step(microbatches[index], *rest)
+
+        return run
+
+    def _share(self, result: StepResult, records: LogRecords, loss: Tensor | None, batch_size: int) -> Tensor | None:
+        """Send the last stage's loss and logged values to every stage, and log them there."""
+        payload = [(loss.detach() if loss is not None else None, records.combined()) if self.runtime.is_last else None]
+        if len(self.pp_ranks) > 1:
+            dist.broadcast_object_list(payload, src=self.pp_ranks[-1], group=self.pp_group)
+        shared_loss, combined = payload[0]  # type: ignore[misc]
+        replay_logs(self.module, combined, batch_size)
+        return shared_loss
+
+
+def _loss_value(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
+        return output["loss"].detach()
+    return None

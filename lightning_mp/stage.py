@@ -1,0 +1,343 @@
+"""Turning a full model into one pipeline stage in place: stand-ins for the layers and modules of other stages.
+
+The user's own code keeps running on every stage. On stage ``s``, whose layers are ``first..last``:
+
+- the layers before ``first`` are :class:`RemoteLayer` stand-ins. The one just before ``first`` returns what stage
+  ``s - 1`` sent (the whole output of its last layer, rebuilt); earlier ones return a detached copy of it, so that the
+  model's loop keeps the shapes and structure it expects at no cost;
+- a forward hook on layer ``last`` captures its output and, unless ``s`` is the last stage, ends the forward with
+  :class:`StageDone`, so the head, the loss and ``self.log`` run on the last stage only;
+- parameterized modules registered before the layers belong to the first stage, those after to the last. Elsewhere an
+  ``nn.Embedding`` becomes a :class:`ZeroEmbedding` (its output is overwritten by the received activation), a
+  module after the layers becomes :class:`Unreachable`, and any other module keeps its code but its parameters
+  become plain tensors, so that ``named_parameters()`` on a stage lists exactly the stage's own parameters, under
+  their original names. A parameter used on two stages (an LM head tied to the embedding) is kept by both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mp.comm import Received, flatten, unflatten
+from lightning_mp.discovery import ModelLayers
+from lightning_mp.errors import ModelSplitError
+
+
+class StageDone(BaseException):
+    """Ends a non-last stage's forward after its last layer. A BaseException, so ``except Exception`` in user code
+    does not swallow it."""
+
+
+@dataclass
+class StagePlan:
+    """Which layers and modules each stage runs. Pure data: the same on every rank."""
+
+    layers: ModelLayers
+    balance: list[int]
+    balance_method: str = "uniform"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.balance)
+
+    def layer_range(self, stage: int) -> range:
+        start = sum(self.balance[:stage])
+        return range(start, start + self.balance[stage])
+
+    def stage_of_module(self, name: str) -> int | None:
+        """Stage that runs the parameterized module ``name`` outside the layers (None for layer modules)."""
+        if name in self.layers.pre:
+            return 0
+        if name in self.layers.post:
+            return self.num_stages - 1
+        return None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One dict per stage: its layers, the modules before/after them it runs, and its parameter count."""
+        rows = []
+        for s in range(self.num_stages):
+            rng = self.layer_range(s)
+            names = self.layers.layer_names
+            rows.append({
+                "stage": s,
+                "layers": f"{names[rng.start]}..{names[rng.stop - 1]}" if len(rng) > 1 else names[rng.start],
+                "num_layers": len(rng),
+                "before": self.layers.pre if s == 0 else [],
+                "after": self.layers.post if s == self.num_stages - 1 else [],
+            })
+        return rows
+
+    def format(self, param_counts: list[int] | None = None) -> str:
+        """A human-readable table of the plan."""
+        lines = [f"lightning-mp stage plan: {self.layers.num_layers} layers of '{self.layers.container_name}'"
+                 f" in {self.num_stages} stages, balance={self.balance} ({self.balance_method})"]
+        for row in self.describe():
+            extra = []
+            if row["before"]:
+                extra.append("before: " + ", ".join(row["before"]))
+            if row["after"]:
+                extra.append("after: " + ", ".join(row["after"]))
+            params = f", {param_counts[row['stage']]:,} params" if param_counts else ""
+            lines.append(f"  stage {row['stage']}: {row['layers']} ({row['num_layers']} layers{params})"
+                         + (f"; {'; '.join(extra)}" if extra else ""))
+        return "\n".join(lines)
+
+
+@dataclass
+class _ForwardState:
+    received: Received | None = None
+    detached: Any = None
+    captured: Any = None
+    calls: list[int] = field(default_factory=list)
+    active: bool = False
+
+
+class StageRuntime:
+    """Applies a :class:`StagePlan` to the model of one rank and drives its stand-ins and hooks during a forward."""
+
+    def __init__(self, root: nn.Module, plan: StagePlan, stage: int) -> None:
+        self.plan = plan
+        self.stage = stage
+        self.is_first = stage == 0
+        self.is_last = stage == plan.num_stages - 1
+        self.own_layers = plan.layer_range(stage)
+        self._state = _ForwardState()
+        self._hooks: list[Any] = []
+        self.shared_params = _shared_parameters(root, plan)
+        self._install(root)
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def _install(self, root: nn.Module) -> None:
+        layers = self.plan.layers
+        needed = {id(p) for p in _stage_parameters(root, self.plan, self.stage)}
+        for i in range(layers.num_layers):
+            if i in self.own_layers:
+                block = layers.layer(i)
+                self._hooks.append(block.register_forward_pre_hook(self._make_trace_hook(i)))
+                if i == self.own_layers.stop - 1:
+                    self._hooks.append(block.register_forward_hook(self._capture_hook))
+            else:
+                layers.container[i] = RemoteLayer(i, self, layers.layer(i))  # type: ignore[index]
+        for name in layers.pre + layers.post:
+            try:
+                module = root.get_submodule(name) if name else root
+            except AttributeError:
+                continue  # inside a module replaced above
+            if all(id(p) in needed for p in module.parameters(recurse=False)):
+                continue
+            if name in layers.post:
+                _replace(root, name, Unreachable(name, self.stage))
+            elif isinstance(module, nn.Embedding):
+                _replace(root, name, ZeroEmbedding(module, name, self))
+            else:
+                _demote_parameters(module, needed)
+                self._hooks.append(module.register_forward_pre_hook(self._make_order_guard(name)))
+
+    # ---- one forward --------------------------------------------------------------------------------------------
+    def begin_forward(self, received: Received | None) -> None:
+        """Arm the stand-ins and hooks for one micro-batch's forward."""
+        detached = None
+        if received is not None:
+            detached = unflatten(flatten(received.value)[1], [t.detach() for t in received.tensors])
+        self._state = _ForwardState(received=received, detached=detached, active=True)
+
+    def end_forward(self) -> Any:
+        """Disarm and return what the last own layer produced (None if it never ran)."""
+        state, self._state = self._state, _ForwardState()
+        last_needed = self.plan.layers.num_layers - 1 if self.is_last else self.own_layers.stop - 1
+        if state.calls != list(range(last_needed + 1)):
+            raise ModelSplitError(self._trace_problem(state.calls, last_needed))
+        return state.captured
+
+    def abort_forward(self) -> None:
+        """Disarm after the user's step raised."""
+        self._state = _ForwardState()
+
+    def _trace_problem(self, calls: list[int], last_needed: int) -> str:
+        names = self.plan.layers.layer_names
+        for i, c in enumerate(calls):
+            if calls.count(c) > 1:
+                return (f"layer {names[c]} was called {calls.count(c)} times in one forward. lightning-mp splits the"
+                        " model between layers and needs each layer of the container called once per forward, in"
+                        " order: point layers= at a container whose blocks are each called once.")
+            if c != i:
+                return (f"layer {names[c]} ran before {names[i]}: the layers of '{self.plan.layers.container_name}'"
+                        " must run once each, in order. Point layers= at a container that the model runs in order.")
+        return (f"stage {self.stage}'s forward ended after layers {calls[:1]}..{calls[-1:]} but must run layers 0.."
+                f"{last_needed}: the step's forward does not run every layer of '{self.plan.layers.container_name}'"
+                " (does training_step call the model?). Point layers= at the container that the forward runs.")
+
+    def _record_call(self, index: int) -> None:
+        if self._state.active:
+            self._state.calls.append(index)
+
+    def _make_trace_hook(self, index: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: Any) -> None:
+            self._record_call(index)
+
+        return hook
+
+    def _capture_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        state = self._state
+        if not state.active or state.captured is not None:
+            return  # activation-checkpoint recomputation in backward, or outside a pipeline forward
+        state.captured = output
+        if not self.is_last:
+            raise StageDone
+
+    def remote_output(self, index: int) -> Any:
+        """What the stand-in of layer ``index`` returns in the current forward."""
+        self._record_call(index)
+        state = self._state
+        if index >= self.own_layers.start or state.received is None:
+            raise ModelSplitError(
+                f"stage {self.stage} called layer {self.plan.layers.layer_names[index]}, which lives on another stage,"
+                " outside a pipeline step. Run the model through the Trainer, or point layers= at the right container."
+            )
+        if index == self.own_layers.start - 1:
+            # Non-leaf views, so that the model's own in-place operations on a block's input keep working.
+            tensors = [t.clone() if t.requires_grad else t for t in state.received.tensors]
+            return unflatten(flatten(state.received.value)[1], tensors)
+        return state.detached
+
+    def layers_started(self) -> bool:
+        return bool(self._state.calls)
+
+    def _make_order_guard(self, name: str):  # noqa: ANN202
+        def guard(module: nn.Module, args: Any) -> None:
+            if self._state.active and self.layers_started():
+                raise ModelSplitError(
+                    f"module '{name}' is registered before the layer container"
+                    f" '{self.plan.layers.container_name}' but runs after it, so lightning-mp placed it on the first"
+                    " stage although the last stage uses it. Register it after the layers in __init__ (the"
+                    " registration order tells lightning-mp which modules run before and after the layers)."
+                )
+
+        return guard
+
+
+class RemoteLayer(nn.Module):
+    """Stand-in for a layer that lives on another stage. Mirrors the original's plain attributes (``layer_idx``,
+    ``attention_type``...) so that model code reading them keeps working."""
+
+    def __init__(self, index: int, runtime: StageRuntime, original: nn.Module) -> None:
+        super().__init__()
+        self.index = index
+        self._runtime = [runtime]  # a list, so nn.Module does not register the runtime's modules
+        self._mirrored = {
+            k: v for k, v in vars(original).items()
+            if not k.startswith("_") and not isinstance(v, (nn.Module, Tensor)) and k != "training"
+        }
+        self.original_class = type(original).__name__
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            mirrored = self.__dict__.get("_mirrored", {})
+            if name in mirrored:
+                return mirrored[name]
+            raise
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._runtime[0].remote_output(self.index)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, original={self.original_class}"
+
+
+class ZeroEmbedding(nn.Module):
+    """Stand-in for an embedding of the first stage on a later stage: zeros of the right shape, no weight.
+
+    Its output only feeds layers that live on earlier stages; the model still reads its shape and dtype (masks).
+    """
+
+    def __init__(self, original: nn.Embedding, name: str, runtime: StageRuntime) -> None:
+        super().__init__()
+        self.embedding_dim = original.embedding_dim
+        self.num_embeddings = original.num_embeddings
+        self.padding_idx = original.padding_idx
+        self.dtype = original.weight.dtype
+        self.name = name
+        self.stage = runtime.stage
+        self._runtime = [runtime]
+
+    def forward(self, indices: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._runtime[0].layers_started():
+            raise ModelSplitError(
+                f"embedding '{self.name}' is registered before the layers but runs after them; register it after the"
+                " layers in __init__, so that lightning-mp places it on the last stage."
+            )
+        return torch.zeros(*indices.shape, self.embedding_dim, dtype=self.dtype, device=indices.device)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight":
+            raise ModelSplitError(
+                f"the model reads '{self.name}.weight' on stage {self.stage}, but that embedding lives on the first"
+                " stage. Tie it through a module instead (lm_head.weight = embedding.weight), so that lightning-mp"
+                " keeps a copy where it is used."
+            )
+        return super().__getattr__(name)
+
+
+class Unreachable(nn.Module):
+    """Stand-in for a module after the layers on a stage whose forward ends before them."""
+
+    def __init__(self, name: str, stage: int) -> None:
+        super().__init__()
+        self.name = name
+        self.stage = stage
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelSplitError(
+            f"module '{self.name}' is registered after the layers, so lightning-mp placed it on the last stage, but"
+            f" stage {self.stage} ran it before its layers. Register it before the layer container in __init__."
+        )
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _demote_parameters(module: nn.Module, needed: set[int]) -> None:
+    """Turn the module's parameters that this stage does not own into plain tensors (not trained, not saved)."""
+    for pname, param in list(module._parameters.items()):
+        if param is not None and id(param) not in needed:
+            del module._parameters[pname]
+            object.__setattr__(module, pname, param.detach().requires_grad_(False))
+
+
+def _modules_of_stage(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.Module]:
+    layers = plan.layers
+    mods = [layers.layer(i) for i in plan.layer_range(stage)]
+    names = (layers.pre if stage == 0 else []) + (layers.post if stage == plan.num_stages - 1 else [])
+    mods += [root.get_submodule(n) if n else root for n in names]
+    return mods
+
+
+def _stage_parameters(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.Parameter]:
+    params: dict[int, nn.Parameter] = {}
+    for i, module in enumerate(_modules_of_stage(root, plan, stage)):
+        recurse = i < len(plan.layer_range(stage))  # layers own everything inside; outside modules their own params
+        for p in module.parameters(recurse=recurse):
+            params[id(p)] = p
+    return list(params.values())
+
+
+def _shared_parameters(root: nn.Module, plan: StagePlan) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameters used by more than one stage (tied weights), with the stages that use them, in name order."""
+    stages_of: dict[int, set[int]] = {}
+    for s in range(plan.num_stages):
+        for p in _stage_parameters(root, plan, s):
+            stages_of.setdefault(id(p), set()).add(s)
+    shared = []
+    for name, p in root.named_parameters():
+        if len(stages_of.get(id(p), ())) > 1:
+            shared.append((name, tuple(sorted(stages_of[id(p)]))))
+    return shared

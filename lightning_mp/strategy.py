@@ -1,0 +1,418 @@
+"""``ModelParallel``: the Lightning strategy that pipelines any LightningModule across ranks.
+
+The strategy is thin: it sets up the processes and the (dp, pp, tp) mesh, splits the model with
+:func:`~lightning_mp.pipeline.build_plan`, and routes Lightning's hooks to a :class:`~lightning_mp.pipeline.PipelineRunner`
+(steps) and to :mod:`lightning_mp.grads` (gradients). See docs/design.md for the data flow of one step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_mp.errors import LayoutError
+from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
+from lightning_mp.layout import ParallelLayout, SizeSpec
+from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan
+from lightning_mp.stage import StagePlan, StageRuntime
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_CHOICES = ("gpipe", "1f1b", "none")
+BALANCE_CHOICES = ("uniform", "params")
+
+
+class ModelParallel(ParallelStrategy):
+    """Pipeline (and, later, tensor) parallelism for an unmodified LightningModule.
+
+    Args:
+        pipeline_parallel_size: number of pipeline stages; "auto" = world size / (dp · tp).
+        tensor_parallel_size: ranks sharing each layer's weights. Only 1 is implemented so far.
+        data_parallel_size: replicas of the whole pipeline, each fed its own shard of the data;
+            "auto" = world size / (pp · tp), or 1 when pipeline_parallel_size is also "auto".
+        microbatches: micro-batches per batch; "auto" = 2 × pipeline_parallel_size (fewer if the batch is smaller).
+        schedule: "1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards,
+            then all backwards), or "none" (the model is split but each batch flows through the stages whole).
+        balance: "uniform" layer counts, "params" (equal parameter counts), or a list of layer counts per stage.
+        layers: dotted name of the container of blocks to split (e.g. "model.transformer.h"); found automatically
+            when None: the ``nn.ModuleList`` of same-class blocks or ``nn.Sequential`` holding the most parameters.
+        process_group_backend: "gloo" on CPU and "nccl" on GPU by default.
+        timeout: for collectives and point-to-point receives.
+        start_method: "popen" (re-run the script per rank, like DDP), "spawn" or "fork".
+
+    Example:
+        >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
+    """
+
+    strategy_name = "model_parallel"
+
+    def __init__(
+        self,
+        pipeline_parallel_size: SizeSpec = "auto",
+        tensor_parallel_size: int = 1,
+        data_parallel_size: SizeSpec = "auto",
+        microbatches: Union[int, Literal["auto"]] = "auto",
+        schedule: Literal["gpipe", "1f1b", "none"] = "1f1b",
+        balance: BalanceSpec = "uniform",
+        layers: Optional[str] = None,
+        accelerator: Any = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        _check_options(tensor_parallel_size, microbatches, schedule, balance, start_method)
+        self._pp_size = pipeline_parallel_size
+        self._tp_size = tensor_parallel_size
+        self._dp_size = data_parallel_size
+        self._microbatches = microbatches
+        self.schedule = schedule
+        self.balance = balance if isinstance(balance, str) else list(balance)
+        self.layers = layers
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
+        self.num_nodes = 1
+        self._layout: Optional[ParallelLayout] = None
+        self._mesh: Any = None
+        self.plan: Optional[StagePlan] = None
+        self._runner: Optional[PipelineRunner] = None
+        self._stash = GradStash()
+        self._shared_groups: list[tuple[list[torch.nn.Parameter], Any]] = []
+        self._norm_counted: set[int] = set()
+
+    # ---- properties ---------------------------------------------------------------------------------------------
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The resolved (dp, pp, tp) sizes; available once the processes exist."""
+        if self._layout is None:
+            self._layout = ParallelLayout.resolve(
+                self.num_nodes * self.num_processes, self._dp_size, self._pp_size, self._tp_size
+            )
+        return self._layout
+
+    @property
+    def device_mesh(self) -> Any:
+        """The (dp, pp, tp) DeviceMesh."""
+        if self._mesh is None:
+            raise RuntimeError("The device mesh of ModelParallel exists only after the processes are set up.")
+        return self._mesh
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.layout.coords(self.global_rank)[1]
+
+    @property
+    def is_distributed(self) -> bool:
+        # Only data parallelism needs a distributed sampler: every stage of a pipeline must see the same batch.
+        return self.layout.dp > 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.layout.dp, "rank": self.layout.coords(self.global_rank)[0]}
+
+    @property
+    def microbatches(self) -> int:
+        return 2 * self.layout.pp if self._microbatches == "auto" else int(self._microbatches)
+
+    @property
+    def stats(self) -> list[Any]:
+        """Per-step time accounting of this rank's stage (busy, wait, wall seconds)."""
+        return self._runner.history if self._runner is not None else []
+
+    # ---- processes ----------------------------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            if not self.cluster_environment.creates_processes_externally:
+                self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        self._layout = None
+        layout = self.layout  # validates the sizes before any process group exists
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        self._mesh = layout.build_mesh(self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._mesh
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    # ---- model set-up -------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Any) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if not module.automatic_optimization:
+            raise NotImplementedError(
+                "ModelParallel pipelines the backward pass itself and needs automatic optimization:"
+                " set self.automatic_optimization = True (manual_backward cannot be split across stages)."
+            )
+        if self._runner is None:
+            self._split_model(module)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self._patch_gradient_clipping()
+        self.barrier()
+
+    def _split_model(self, module: Any) -> None:
+        layout = self.layout
+        if layout.tp > 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet; use tensor_parallel_size=1.")
+        self.plan = build_plan(module, layout.pp, self.balance, self.layers)
+        counts = _stage_param_counts(module, self.plan)
+        runtime = StageRuntime(module, self.plan, self.stage)
+        rank_zero_info(self.plan.format(counts) + f"\n  layout: {layout}, schedule={self.schedule},"
+                       f" microbatches={1 if self.schedule == 'none' else self.microbatches}")
+        pp_mesh = self._mesh["pp"]
+        self._runner = PipelineRunner(
+            module, runtime, dist.get_process_group_ranks(pp_mesh.get_group()), pp_mesh.get_group(),
+            self.schedule, self.microbatches, self.root_device,
+        )
+        self._setup_shared_parameters(module, runtime)
+
+    def _setup_shared_parameters(self, module: Any, runtime: StageRuntime) -> None:
+        """Process groups for the weights used on several stages (tied embeddings), and who counts them in norms."""
+        layout = self.layout
+        dp_rank, _, tp_rank = layout.coords(self.global_rank)
+        by_name = dict(module.named_parameters())
+        stage_sets = sorted({stages for _, stages in runtime.shared_params})
+        groups = {}
+        for stages in stage_sets:  # every rank creates every group, in the same order
+            for d in range(layout.dp):
+                for t in range(layout.tp):
+                    ranks = [layout.rank_of(d, s, t) for s in stages]
+                    group = dist.new_group(ranks)
+                    if (d, t) == (dp_rank, tp_rank):
+                        groups[stages] = group
+        self._shared_groups = []
+        for stages in stage_sets:
+            if self.stage in stages:
+                params = [by_name[n] for n, s in runtime.shared_params if s == stages and n in by_name]
+                self._shared_groups.append((params, groups[stages]))
+        skip = {id(by_name[n]) for n, stages in runtime.shared_params if n in by_name and stages[0] != self.stage}
+        self._norm_counted = {id(p) for p in module.parameters()} - skip
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._runner is not None and self.lightning_module is not None
+        module = self.lightning_module
+        accumulate = module.trainer.accumulate_grad_batches if module._trainer is not None else 1
+        self._stash.begin(p for p in module.parameters() if p.requires_grad)
+        try:
+            with self.precision_plugin.train_step_context():
+                loss = self._runner.train_step("training_step", args[0], args[1:], 1.0 / accumulate)
+        finally:
+            self._stash.end()
+        return loss
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        # The pipeline already back-propagated inside training_step: hand its gradients over, run the hooks.
+        self.pre_backward(closure_loss)
+        assert self.lightning_module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self._stash.restore()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        def closure_then_sync() -> Any:
+            result = closure()
+            self._sync_gradients(optimizer)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+
+    def _sync_gradients(self, optimizer: Any) -> None:
+        """Sum tied weights' gradients over their stages, then average all gradients over the data-parallel replicas."""
+        for params, group in self._shared_groups:
+            all_reduce_grads(params, group, "sum")
+        if self.layout.dp > 1:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            all_reduce_grads(params, self._mesh["dp"].get_group(), "avg")
+
+    def _patch_gradient_clipping(self) -> None:
+        """Make ``gradient_clip_val`` clip by the norm over all stages, not each rank's own."""
+        precision = self.precision_plugin
+        if "clip_grad_by_norm" in vars(precision):
+            return
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+            params = list(precision.main_params(optimizer))
+            group = self._mesh["pp"].get_group() if self.layout.pp > 1 else None
+            clip_by_global_norm(params, float(clip_val), group, self._norm_counted)
+
+        precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("validation_step", args)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("test_step", args)
+
+    def _eval_step(self, hook: str, args: tuple) -> Any:
+        assert self._runner is not None
+        ctx = self.precision_plugin.val_step_context() if hook == "validation_step" else (
+            self.precision_plugin.test_step_context())
+        with ctx:
+            return self._runner.eval_step(hook, args[0], args[1:])
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "trainer.predict under ModelParallel is not implemented yet: predict with the consolidated model in one"
+            " process, or use trainer.validate/test."
+        )
+
+    # ---- collectives --------------------------------------------------------------------------------------------
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        container = [obj]
+        dist.broadcast_object_list(container, src)
+        return container[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ---- failure and teardown -----------------------------------------------------------------------------------
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # A rank that fails leaves its peers blocked in a receive: end them now instead of at the timeout.
+        if isinstance(self._launcher, _SubprocessScriptLauncher) and self.global_rank == 0:
+            import signal
+
+            self._launcher.kill(signal.SIGKILL)
+
+    @override
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="Pipeline model parallelism (lightning-mp)")
+
+
+def _stage_param_counts(module: Any, plan: StagePlan) -> list[int]:
+    from lightning_mp.stage import _stage_parameters
+
+    return [sum(p.numel() for p in _stage_parameters(module, plan, s)) for s in range(plan.num_stages)]
+
+
+def _check_options(
+    tensor_parallel_size: int, microbatches: Any, schedule: str, balance: Any, start_method: str
+) -> None:
+    if tensor_parallel_size != 1:
+        if isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
+            raise NotImplementedError(
+                f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism is not implemented yet in"
+                " lightning-mp; use tensor_parallel_size=1 (pipeline and data parallelism)."
+            )
+        raise LayoutError(f"tensor_parallel_size={tensor_parallel_size!r} is invalid: use a positive int.")
+    if microbatches != "auto" and (isinstance(microbatches, bool) or not isinstance(microbatches, int)
+                                   or microbatches < 1):
+        raise ValueError(f"microbatches={microbatches!r} is invalid: use a positive int or 'auto'.")
+    if schedule not in SCHEDULE_CHOICES:
+        raise ValueError(f"schedule={schedule!r} is not supported: choose one of {', '.join(SCHEDULE_CHOICES)}.")
+    if isinstance(balance, str):
+        if balance not in BALANCE_CHOICES:
+            raise ValueError(
+                f"balance={balance!r} is not supported: choose one of {', '.join(BALANCE_CHOICES)} or give a list of"
+                " layer counts per stage, e.g. balance=[3, 3]."
+            )
+    elif not isinstance(balance, Sequence):
+        raise ValueError(f"balance={balance!r} is invalid: use 'uniform', 'params' or a list of layer counts.")
+    if start_method not in ("popen", "spawn", "fork"):
+        raise ValueError(f"start_method={start_method!r} is invalid: choose popen, spawn or fork.")
+
+

@@ -1,0 +1,78 @@
+"""Runs training jobs for the tests, one process per rank, and saves what each rank saw.
+
+Usage: ``python tests/harness.py JOBS.json OUT_DIR``. JOBS.json holds a list of jobs; each runs ``trainer.fit`` on a
+test model (tests/models.py). With ``devices`` > 1 Lightning's own launcher starts the other ranks, which re-run this
+script. Every rank writes ``OUT_DIR/<job>/rank<r>.pt``: the loss returned by each step, the logged metrics, and the
+rank's parameters by name. A job without ``strategy`` runs in one process with no strategy: the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning_mp  # noqa: E402
+from tests.models import make_model  # noqa: E402
+
+
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def run_job(job: dict[str, Any], out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    model = make_model(job["model"], **job.get("model_kwargs", {}))
+    strategy_kwargs = job.get("strategy")
+    devices = job.get("devices", 1)
+    if strategy_kwargs is None:
+        strategy: Any = "auto"
+    elif strategy_kwargs == "registered":
+        strategy = "model_parallel"
+    else:
+        strategy = lightning_mp.ModelParallel(**strategy_kwargs)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=job.get("max_steps", 4),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[recorder], num_sanity_val_steps=0, limit_val_batches=job.get("limit_val_batches", 0),
+        val_check_interval=job.get("val_check_interval"), **job.get("trainer", {}),
+    )
+    trainer.fit(model)
+    rank = trainer.global_rank
+    result = {
+        "losses": recorder.losses,
+        "metrics": recorder.metrics,
+        "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "stage": getattr(trainer.strategy, "stage", 0),
+    }
+    target = out_dir / job["name"]
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save(result, target / f"rank{rank}.pt")
+
+
+def main() -> None:
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    out_dir = Path(sys.argv[2])
+    for job in jobs:
+        run_job(job, out_dir)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

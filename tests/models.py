@@ -1,0 +1,180 @@
+"""Tiny models and data for the tests: each a LightningModule written as a Lightning user would write it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+VOCAB = 64
+
+
+class TokenData(Dataset):
+    """Token sequences whose length changes every ``batch_size`` samples (so between batches, not within one)."""
+
+    def __init__(self, n: int, batch_size: int, lengths: tuple[int, ...] = (8, 12, 6), seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = [
+            torch.randint(0, VOCAB, (lengths[(i // batch_size) % len(lengths)],), generator=g) for i in range(n)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.items[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class VectorData(Dataset):
+    def __init__(self, n: int, dim: int = 16, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+class Base(L.LightningModule):
+    def __init__(self, batch_size: int = 8, n: int = 36, lr: float = 0.1, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.batch_size, self.n, self.lr, self.optimizer_name = batch_size, n, lr, optimizer
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)}
+
+    def dataset(self, seed: int) -> Dataset:
+        return TokenData(self.n, self.batch_size, seed=seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset(0), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset(1), batch_size=self.batch_size, shuffle=False)
+
+    def lm_step(self, batch: dict, prefix: str) -> torch.Tensor:
+        loss = self(batch)
+        self.log(f"{prefix}_loss", loss, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.lm_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.lm_step(batch, "val")
+
+
+class SequentialNet(Base):
+    """A plain nn.Sequential classifier on (x, y) tuple batches."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)], nn.Linear(16, 4))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def dataset(self, seed: int) -> Dataset:
+        return VectorData(self.n, seed=seed)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return self.loss_fn(self.net(x), y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(Base):
+    """A self-contained GPT with a tied LM head; blocks take an extra argument (the causal mask)."""
+
+    def __init__(self, d: int = 32, layers: int = 4, heads: int = 2, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.wte = nn.Embedding(VOCAB, d)
+        self.wpe = nn.Embedding(32, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        t = ids.shape[1]
+        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
+        mask = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.head(self.ln_f(x))
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
+class HFCausalLM(Base):
+    """A Hugging Face causal LM (GPT-2 or LLaMA) built from a small config, called with dict batches."""
+
+    def __init__(self, family: str = "gpt2", layers: int = 4, **kw: Any) -> None:
+        super().__init__(**kw)
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+        if family == "gpt2":
+            config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=layers, n_head=2,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+            self.model = GPT2LMHeadModel(config)
+        else:
+            config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 tie_word_embeddings=True)
+            self.model = LlamaForCausalLM(config)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**batch, use_cache=False).loss
+
+
+class HFBertClassifier(Base):
+    """A Hugging Face BERT sequence classifier (untied, pooler after the encoder)."""
+
+    def __init__(self, layers: int = 4, **kw: Any) -> None:
+        super().__init__(**kw)
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.model = BertForSequenceClassification(config)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        labels = batch["labels"][:, 0] % 3
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+
+
+MODELS = {
+    "sequential": SequentialNet,
+    "gpt": TinyGPT,
+    "hf_gpt2": lambda **kw: HFCausalLM(family="gpt2", **kw),
+    "hf_llama": lambda **kw: HFCausalLM(family="llama", **kw),
+    "hf_bert": HFBertClassifier,
+}
+
+
+def make_model(name: str, seed: int = 0, **kw: Any) -> L.LightningModule:
+    """The named test model, initialized from ``seed``."""
+    torch.manual_seed(seed)
+    return MODELS[name](**kw)
