@@ -52,6 +52,9 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         callbacks=[recorder], num_sanity_val_steps=0, limit_val_batches=job.get("limit_val_batches", 0),
         val_check_interval=job.get("val_check_interval"), **job.get("trainer", {}),
     )
+    order = job.get("replica_order")
+    if order:
+        model.train_dataloader = _replica_ordered_loader(model, **order)  # type: ignore[method-assign]
     trainer.fit(model)
     rank = trainer.global_rank
     result = {
@@ -66,10 +69,32 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     torch.save(result, target / f"rank{rank}.pt")
 
 
+def _replica_ordered_loader(model: L.LightningModule, replicas: int, batch_size: int) -> Any:
+    """The one-process equivalent of ``replicas`` data-parallel ranks under Lightning's DistributedSampler: step k
+    sees replica 0's batch k, then replica 1's, and so on."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = model.dataset(0)
+    shards = [list(DistributedSampler(dataset, num_replicas=replicas, rank=r, shuffle=True, seed=0))
+              for r in range(replicas)]
+    order = []
+    for start in range(0, len(shards[0]), batch_size):
+        for shard in shards:
+            order.extend(shard[start:start + batch_size])
+
+    def loader() -> DataLoader:
+        return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size * replicas, shuffle=False)
+
+    return loader
+
+
 def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(sys.argv[2])
+    is_child = os.environ.get("LOCAL_RANK", "0") != "0"
     for job in jobs:
+        if is_child and job.get("devices", 1) == 1:
+            continue  # single-process references run in the launching process only
         run_job(job, out_dir)
 
 

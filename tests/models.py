@@ -43,9 +43,11 @@ class VectorData(Dataset):
 
 
 class Base(L.LightningModule):
-    def __init__(self, batch_size: int = 8, n: int = 36, lr: float = 0.1, optimizer: str = "sgd") -> None:
+    def __init__(self, batch_size: int = 8, n: int = 36, lr: float = 0.1, optimizer: str = "sgd",
+                 lengths: tuple[int, ...] = (8, 12, 6)) -> None:
         super().__init__()
         self.batch_size, self.n, self.lr, self.optimizer_name = batch_size, n, lr, optimizer
+        self.lengths = tuple(lengths)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "adamw":
@@ -55,7 +57,7 @@ class Base(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)}
 
     def dataset(self, seed: int) -> Dataset:
-        return TokenData(self.n, self.batch_size, seed=seed)
+        return TokenData(self.n, self.batch_size, self.lengths, seed=seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset(0), batch_size=self.batch_size, shuffle=False)

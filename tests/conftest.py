@@ -1,0 +1,48 @@
+"""Shared fixtures: running the multi-process harness (tests/harness.py) and comparing with one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_harness(jobs: list[dict[str, Any]], out_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``jobs`` through tests/harness.py in a fresh process group; Lightning launches the other ranks."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "harness.py"), str(spec), str(out_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def load_result(out_dir: Path, job: str, rank: int) -> dict[str, Any]:
+    return torch.load(out_dir / job / f"rank{rank}.pt", weights_only=False)
+
+
+def assert_matches_reference(ref: dict[str, Any], got: dict[str, Any], atol: float = 1e-5) -> None:
+    """Same losses at every step and, for every parameter the rank holds, the same values as one process."""
+    assert len(got["losses"]) == len(ref["losses"])
+    for step, (a, b) in enumerate(zip(ref["losses"], got["losses"])):
+        assert abs(a - b) <= atol, f"loss differs at step {step}: {a} vs {b}"
+    assert got["params"], "this rank holds no parameters"
+    for name, value in got["params"].items():
+        assert name in ref["params"], f"unexpected parameter name {name}"
+        diff = (value - ref["params"][name]).abs().max().item()
+        assert diff <= atol, f"{name} differs by {diff}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "distributed: runs real multi-process training (slow; skip with -m 'not distributed')")
