@@ -74,11 +74,10 @@ def _largest_container(root: nn.Module) -> tuple[str, nn.Module]:
 
 def _containers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in root.named_modules():
-        if isinstance(module, nn.Sequential) and len(module) >= 2:
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) < 2:
+            continue
+        if isinstance(module, nn.Sequential) or len({type(m) for m in module}) == 1:
             yield name, module
-        elif isinstance(module, nn.ModuleList) and len(module) >= 2:
-            if len({type(m) for m in module}) == 1:
-                yield name, module
 
 
 def _candidate_names(root: nn.Module) -> str:

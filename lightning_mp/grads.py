@@ -53,16 +53,18 @@ def all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, o
     """
     if not params:
         return
-    flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            for p in params]
+    flat = [
+        p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        for p in params
+    ]
     present = torch.tensor([p.grad is not None for p in params], dtype=flat[0].dtype, device=flat[0].device)
     buffer = torch.cat([*flat, present])
     dist.all_reduce(buffer, group=group)
     if op == "avg":
         buffer[: -len(params)].div_(dist.get_world_size(group))
     offset = 0
-    for p, was_present in zip(params, buffer[-len(params):].tolist()):
-        chunk = buffer[offset: offset + p.numel()].view_as(p)
+    for p, was_present in zip(params, buffer[-len(params) :].tolist()):
+        chunk = buffer[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
         if was_present:
             if p.grad is None:

@@ -41,8 +41,10 @@ class ParallelLayout:
             if value == "auto" and name != "tensor_parallel_size":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LayoutError(f"{name}={value!r} is invalid: use a positive int" + (
-                    "" if name == "tensor_parallel_size" else ' or "auto"'))
+                raise LayoutError(
+                    f"{name}={value!r} is invalid: use a positive int"
+                    + ("" if name == "tensor_parallel_size" else ' or "auto"')
+                )
         if dp == "auto" and pp == "auto":
             dp = 1
         if pp == "auto":

@@ -26,7 +26,9 @@ from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 BalanceSpec = Union[Literal["uniform", "params"], Sequence[int]]
 
 
-def build_plan(root: nn.Module, num_stages: int, balance: BalanceSpec = "uniform", layers: str | None = None) -> StagePlan:
+def build_plan(
+    root: nn.Module, num_stages: int, balance: BalanceSpec = "uniform", layers: str | None = None
+) -> StagePlan:
     """Find the layers of ``root`` and assign them to ``num_stages`` stages.
 
     Args:
@@ -49,7 +51,9 @@ def build_plan(root: nn.Module, num_stages: int, balance: BalanceSpec = "uniform
             last = _direct_params(root, found.post)
             counts = optimal_balance(costs, num_stages, first, last)
         else:
-            raise ValueError(f"balance={balance!r} is not supported: use 'uniform', 'params' or a list of layer counts.")
+            raise ValueError(
+                f"balance={balance!r} is not supported: use 'uniform', 'params' or a list of layer counts."
+            )
         method = balance
     else:
         counts = check_explicit_balance(balance, found.num_layers, num_stages)
@@ -142,7 +146,7 @@ class PipelineRunner:
         self._share(result, records, None, total)
         return result.outputs[-1] if self.runtime.is_last else None
 
-    def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, weights: list[float]):  # noqa: ANN202
+    def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, weights: list[float]):
         step = getattr(self.module, hook)
 
         def run(index: int) -> Any:

@@ -62,19 +62,23 @@ class StagePlan:
         for s in range(self.num_stages):
             rng = self.layer_range(s)
             names = self.layers.layer_names
-            rows.append({
-                "stage": s,
-                "layers": f"{names[rng.start]}..{names[rng.stop - 1]}" if len(rng) > 1 else names[rng.start],
-                "num_layers": len(rng),
-                "before": self.layers.pre if s == 0 else [],
-                "after": self.layers.post if s == self.num_stages - 1 else [],
-            })
+            rows.append(
+                {
+                    "stage": s,
+                    "layers": f"{names[rng.start]}..{names[rng.stop - 1]}" if len(rng) > 1 else names[rng.start],
+                    "num_layers": len(rng),
+                    "before": self.layers.pre if s == 0 else [],
+                    "after": self.layers.post if s == self.num_stages - 1 else [],
+                }
+            )
         return rows
 
     def format(self, param_counts: list[int] | None = None) -> str:
         """A human-readable table of the plan."""
-        lines = [f"lightning-mp stage plan: {self.layers.num_layers} layers of '{self.layers.container_name}'"
-                 f" in {self.num_stages} stages, balance={self.balance} ({self.balance_method})"]
+        lines = [
+            f"lightning-mp stage plan: {self.layers.num_layers} layers of '{self.layers.container_name}'"
+            f" in {self.num_stages} stages, balance={self.balance} ({self.balance_method})"
+        ]
         for row in self.describe():
             extra = []
             if row["before"]:
@@ -82,8 +86,10 @@ class StagePlan:
             if row["after"]:
                 extra.append("after: " + ", ".join(row["after"]))
             params = f", {param_counts[row['stage']]:,} params" if param_counts else ""
-            lines.append(f"  stage {row['stage']}: {row['layers']} ({row['num_layers']} layers{params})"
-                         + (f"; {'; '.join(extra)}" if extra else ""))
+            lines.append(
+                f"  stage {row['stage']}: {row['layers']} ({row['num_layers']} layers{params})"
+                + (f"; {'; '.join(extra)}" if extra else "")
+            )
         return "\n".join(lines)
 
 
@@ -161,21 +167,27 @@ class StageRuntime:
         names = self.plan.layers.layer_names
         for i, c in enumerate(calls):
             if calls.count(c) > 1:
-                return (f"layer {names[c]} was called {calls.count(c)} times in one forward. lightning-mp splits the"
-                        " model between layers and needs each layer of the container called once per forward, in"
-                        " order: point layers= at a container whose blocks are each called once.")
+                return (
+                    f"layer {names[c]} was called {calls.count(c)} times in one forward. lightning-mp splits the"
+                    " model between layers and needs each layer of the container called once per forward, in"
+                    " order: point layers= at a container whose blocks are each called once."
+                )
             if c != i:
-                return (f"layer {names[c]} ran before {names[i]}: the layers of '{self.plan.layers.container_name}'"
-                        " must run once each, in order. Point layers= at a container that the model runs in order.")
-        return (f"stage {self.stage}'s forward ended after layers {calls[:1]}..{calls[-1:]} but must run layers 0.."
-                f"{last_needed}: the step's forward does not run every layer of '{self.plan.layers.container_name}'"
-                " (does training_step call the model?). Point layers= at the container that the forward runs.")
+                return (
+                    f"layer {names[c]} ran before {names[i]}: the layers of '{self.plan.layers.container_name}'"
+                    " must run once each, in order. Point layers= at a container that the model runs in order."
+                )
+        return (
+            f"stage {self.stage}'s forward ended after layers {calls[:1]}..{calls[-1:]} but must run layers 0.."
+            f"{last_needed}: the step's forward does not run every layer of '{self.plan.layers.container_name}'"
+            " (does training_step call the model?). Point layers= at the container that the forward runs."
+        )
 
     def _record_call(self, index: int) -> None:
         if self._state.active:
             self._state.calls.append(index)
 
-    def _make_trace_hook(self, index: int):  # noqa: ANN202
+    def _make_trace_hook(self, index: int):
         def hook(module: nn.Module, args: Any) -> None:
             self._record_call(index)
 
@@ -207,7 +219,7 @@ class StageRuntime:
     def layers_started(self) -> bool:
         return bool(self._state.calls)
 
-    def _make_order_guard(self, name: str):  # noqa: ANN202
+    def _make_order_guard(self, name: str):
         def guard(module: nn.Module, args: Any) -> None:
             if self._state.active and self.layers_started():
                 raise ModelSplitError(
@@ -229,7 +241,8 @@ class RemoteLayer(nn.Module):
         self.index = index
         self._runtime = [runtime]  # a list, so nn.Module does not register the runtime's modules
         self._mirrored = {
-            k: v for k, v in vars(original).items()
+            k: v
+            for k, v in vars(original).items()
             if not k.startswith("_") and not isinstance(v, (nn.Module, Tensor)) and k != "training"
         }
         self.original_class = type(original).__name__

@@ -1,8 +1,9 @@
 """``ModelParallel``: the Lightning strategy that pipelines any LightningModule across ranks.
 
 The strategy is thin: it sets up the processes and the (dp, pp, tp) mesh, splits the model with
-:func:`~lightning_mp.pipeline.build_plan`, and routes Lightning's hooks to a :class:`~lightning_mp.pipeline.PipelineRunner`
-(steps) and to :mod:`lightning_mp.grads` (gradients). See docs/design.md for the data flow of one step.
+:func:`~lightning_mp.pipeline.build_plan`, and routes Lightning's hooks to a
+:class:`~lightning_mp.pipeline.PipelineRunner` (steps) and to :mod:`lightning_mp.grads` (gradients).
+See docs/design.md for the data flow of one step.
 """
 
 from __future__ import annotations
@@ -228,12 +229,19 @@ class ModelParallel(ParallelStrategy):
         self.plan = build_plan(module, layout.pp, self.balance, self.layers)
         counts = _stage_param_counts(module, self.plan)
         runtime = StageRuntime(module, self.plan, self.stage)
-        rank_zero_info(self.plan.format(counts) + f"\n  layout: {layout}, schedule={self.schedule},"
-                       f" microbatches={1 if self.schedule == 'none' else self.microbatches}")
+        rank_zero_info(
+            self.plan.format(counts) + f"\n  layout: {layout}, schedule={self.schedule},"
+            f" microbatches={1 if self.schedule == 'none' else self.microbatches}"
+        )
         pp_mesh = self._mesh["pp"]
         self._runner = PipelineRunner(
-            module, runtime, dist.get_process_group_ranks(pp_mesh.get_group()), pp_mesh.get_group(),
-            self.schedule, self.microbatches, self.root_device,
+            module,
+            runtime,
+            dist.get_process_group_ranks(pp_mesh.get_group()),
+            pp_mesh.get_group(),
+            self.schedule,
+            self.microbatches,
+            self.root_device,
         )
         self._setup_shared_parameters(module, runtime)
 
@@ -329,8 +337,11 @@ class ModelParallel(ParallelStrategy):
 
     def _eval_step(self, hook: str, args: tuple) -> Any:
         assert self._runner is not None
-        ctx = self.precision_plugin.val_step_context() if hook == "validation_step" else (
-            self.precision_plugin.test_step_context())
+        ctx = (
+            self.precision_plugin.val_step_context()
+            if hook == "validation_step"
+            else (self.precision_plugin.test_step_context())
+        )
         with ctx:
             return self._runner.eval_step(hook, args[0], args[1:])
 
@@ -399,8 +410,9 @@ def _check_options(
                 " lightning-mp; use tensor_parallel_size=1 (pipeline and data parallelism)."
             )
         raise LayoutError(f"tensor_parallel_size={tensor_parallel_size!r} is invalid: use a positive int.")
-    if microbatches != "auto" and (isinstance(microbatches, bool) or not isinstance(microbatches, int)
-                                   or microbatches < 1):
+    if microbatches != "auto" and (
+        isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1
+    ):
         raise ValueError(f"microbatches={microbatches!r} is invalid: use a positive int or 'auto'.")
     if schedule not in SCHEDULE_CHOICES:
         raise ValueError(f"schedule={schedule!r} is not supported: choose one of {', '.join(SCHEDULE_CHOICES)}.")
@@ -414,5 +426,3 @@ def _check_options(
         raise ValueError(f"balance={balance!r} is invalid: use 'uniform', 'params' or a list of layer counts.")
     if start_method not in ("popen", "spawn", "fork"):
         raise ValueError(f"start_method={start_method!r} is invalid: choose popen, spawn or fork.")
-
-

@@ -24,7 +24,11 @@ def run_harness(jobs: list[dict[str, Any]], out_dir: Path, timeout: float = 600)
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     return subprocess.run(
         [sys.executable, str(ROOT / "tests" / "harness.py"), str(spec), str(out_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -45,4 +49,6 @@ def assert_matches_reference(ref: dict[str, Any], got: dict[str, Any], atol: flo
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "distributed: runs real multi-process training (slow; skip with -m 'not distributed')")
+    config.addinivalue_line(
+        "markers", "distributed: runs real multi-process training (slow; skip with -m 'not distributed')"
+    )

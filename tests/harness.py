@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning_mp  # noqa: E402
-from tests.models import make_model  # noqa: E402
+import lightning_mp
+from tests.models import make_model
 
 
 class Recorder(L.Callback):
@@ -28,8 +28,9 @@ class Recorder(L.Callback):
         self.losses: list[float] = []
         self.metrics: list[dict[str, float]] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
@@ -47,10 +48,19 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         strategy = lightning_mp.ModelParallel(**strategy_kwargs)
     recorder = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=job.get("max_steps", 4),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[recorder], num_sanity_val_steps=0, limit_val_batches=job.get("limit_val_batches", 0),
-        val_check_interval=job.get("val_check_interval"), **job.get("trainer", {}),
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=job.get("max_steps", 4),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+        num_sanity_val_steps=0,
+        limit_val_batches=job.get("limit_val_batches", 0),
+        val_check_interval=job.get("val_check_interval"),
+        **job.get("trainer", {}),
     )
     order = job.get("replica_order")
     if order:
@@ -75,12 +85,13 @@ def _replica_ordered_loader(model: L.LightningModule, replicas: int, batch_size:
     from torch.utils.data import DataLoader, DistributedSampler
 
     dataset = model.dataset(0)
-    shards = [list(DistributedSampler(dataset, num_replicas=replicas, rank=r, shuffle=True, seed=0))
-              for r in range(replicas)]
+    shards = [
+        list(DistributedSampler(dataset, num_replicas=replicas, rank=r, shuffle=True, seed=0)) for r in range(replicas)
+    ]
     order = []
     for start in range(0, len(shards[0]), batch_size):
         for shard in shards:
-            order.extend(shard[start:start + batch_size])
+            order.extend(shard[start : start + batch_size])
 
     def loader() -> DataLoader:
         return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size * replicas, shuffle=False)

@@ -43,8 +43,14 @@ class VectorData(Dataset):
 
 
 class Base(L.LightningModule):
-    def __init__(self, batch_size: int = 8, n: int = 36, lr: float = 0.1, optimizer: str = "sgd",
-                 lengths: tuple[int, ...] = (8, 12, 6)) -> None:
+    def __init__(
+        self,
+        batch_size: int = 8,
+        n: int = 36,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        lengths: tuple[int, ...] = (8, 12, 6),
+    ) -> None:
         super().__init__()
         self.batch_size, self.n, self.lr, self.optimizer_name = batch_size, n, lr, optimizer
         self.lengths = tuple(lengths)
@@ -137,13 +143,29 @@ class HFCausalLM(Base):
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
         if family == "gpt2":
-            config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=layers, n_head=2,
-                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+            config = GPT2Config(
+                vocab_size=VOCAB,
+                n_positions=32,
+                n_embd=32,
+                n_layer=layers,
+                n_head=2,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                tie_word_embeddings=True,
+            )
             self.model = GPT2LMHeadModel(config)
         else:
-            config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                 tie_word_embeddings=True)
+            config = LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=layers,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=64,
+                tie_word_embeddings=True,
+            )
             self.model = LlamaForCausalLM(config)
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -157,9 +179,17 @@ class HFBertClassifier(Base):
         super().__init__(**kw)
         from transformers import BertConfig, BertForSequenceClassification
 
-        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, num_labels=3,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         self.model = BertForSequenceClassification(config)
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -180,3 +210,49 @@ def make_model(name: str, seed: int = 0, **kw: Any) -> L.LightningModule:
     """The named test model, initialized from ``seed``."""
     torch.manual_seed(seed)
     return MODELS[name](**kw)
+
+
+class Unsplittable(Base):
+    """No repeated blocks: one linear layer."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.linear = nn.Linear(16, 4)
+
+    def dataset(self, seed: int) -> Dataset:
+        return VectorData(self.n, seed=seed)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.linear(x), y)
+
+
+class CallsABlockTwice(SequentialNet):
+    """Runs its first block twice: cannot be cut between blocks."""
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        x = self.net[0](x)
+        for layer in self.net:
+            x = layer(x)
+        return self.loss_fn(x[:, :4], y)
+
+
+class FailsMidTraining(TinyGPT):
+    """Rank ``rank`` dies (``os._exit``) or raises at training step ``step``."""
+
+    def __init__(self, rank: int = 1, step: int = 2, mode: str = "exit", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fail_rank, self.fail_step, self.fail_mode = rank, step, mode
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_rank == self.fail_rank and batch_idx == self.fail_step:
+            if self.fail_mode == "exit":
+                import os
+
+                os._exit(3)
+            raise RuntimeError("injected failure")
+        return super().training_step(batch, batch_idx)
+
+
+MODELS.update(unsplittable=Unsplittable, twice=CallsABlockTwice, fails=FailsMidTraining)

@@ -17,8 +17,12 @@ SCHEDULES = ["gpipe", "1f1b", "none"]
 MODEL_KW = {"batch_size": 6, "n": 20}
 EXTRAS: dict[str, dict[str, Any]] = {
     # tied embedding + accumulation + clipping + a validation loop, on the two most common model shapes
-    "accum_clip_val": {"trainer": {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05},
-                       "limit_val_batches": 2, "val_check_interval": 2, "max_steps": 3},
+    "accum_clip_val": {
+        "trainer": {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05},
+        "limit_val_batches": 2,
+        "val_check_interval": 2,
+        "max_steps": 3,
+    },
 }
 
 
@@ -27,15 +31,31 @@ def _pp2_jobs() -> list[dict[str, Any]]:
     for model in MODELS:
         jobs.append({"name": f"ref-{model}", "model": model, "model_kwargs": MODEL_KW})
         for schedule in SCHEDULES:
-            jobs.append({"name": f"pp2-{model}-{schedule}", "model": model, "model_kwargs": MODEL_KW, "devices": 2,
-                         "strategy": {"pipeline_parallel_size": 2, "schedule": schedule, "microbatches": 4}})
+            jobs.append(
+                {
+                    "name": f"pp2-{model}-{schedule}",
+                    "model": model,
+                    "model_kwargs": MODEL_KW,
+                    "devices": 2,
+                    "strategy": {"pipeline_parallel_size": 2, "schedule": schedule, "microbatches": 4},
+                }
+            )
     for model in ("gpt", "hf_llama"):
         extra = EXTRAS["accum_clip_val"]
         jobs.append({"name": f"ref-{model}-extras", "model": model, "model_kwargs": MODEL_KW, **extra})
-        jobs.append({"name": f"pp2-{model}-extras", "model": model, "model_kwargs": MODEL_KW, "devices": 2,
-                     "strategy": {"pipeline_parallel_size": 2, "microbatches": 3}, **extra})
-    jobs.append({"name": "pp2-gpt-registered", "model": "gpt", "model_kwargs": MODEL_KW, "devices": 2,
-                 "strategy": "registered"})
+        jobs.append(
+            {
+                "name": f"pp2-{model}-extras",
+                "model": model,
+                "model_kwargs": MODEL_KW,
+                "devices": 2,
+                "strategy": {"pipeline_parallel_size": 2, "microbatches": 3},
+                **extra,
+            }
+        )
+    jobs.append(
+        {"name": "pp2-gpt-registered", "model": "gpt", "model_kwargs": MODEL_KW, "devices": 2, "strategy": "registered"}
+    )
     return jobs
 
 
@@ -92,9 +112,21 @@ def _dp2_jobs() -> list[dict[str, Any]]:
     kw = DP_KW
     jobs = []
     for model in ("gpt", "hf_gpt2", "sequential"):
-        jobs.append({"name": f"dp2pp2-{model}", "model": model, "model_kwargs": kw, "devices": 4,
-                     "strategy": {"pipeline_parallel_size": 2, "data_parallel_size": 2, "schedule": "1f1b",
-                                  "microbatches": 2}, "trainer": {"gradient_clip_val": 0.05}})
+        jobs.append(
+            {
+                "name": f"dp2pp2-{model}",
+                "model": model,
+                "model_kwargs": kw,
+                "devices": 4,
+                "strategy": {
+                    "pipeline_parallel_size": 2,
+                    "data_parallel_size": 2,
+                    "schedule": "1f1b",
+                    "microbatches": 2,
+                },
+                "trainer": {"gradient_clip_val": 0.05},
+            }
+        )
     return jobs
 
 
@@ -112,8 +144,13 @@ def test_dp2_pp2_matches_one_process(dp2: Path, tmp_path: Path, model: str) -> N
     # DistributedSampler (shuffle=True, seed 0) gives them.
     ref_dir = tmp_path / "ref"
     kw = DP_KW
-    job = {"name": "ref", "model": model, "model_kwargs": {**kw, "batch_size": 8}, "trainer": {"gradient_clip_val": 0.05},
-           "replica_order": {"replicas": 2, "batch_size": 4}}
+    job = {
+        "name": "ref",
+        "model": model,
+        "model_kwargs": {**kw, "batch_size": 8},
+        "trainer": {"gradient_clip_val": 0.05},
+        "replica_order": {"replicas": 2, "batch_size": 4},
+    }
     proc = run_harness([job], ref_dir)
     assert proc.returncode == 0, proc.stderr[-5000:]
     ref = load_result(ref_dir, "ref", 0)

@@ -1,0 +1,64 @@
+"""``PipelineSummary``: what the pipeline did, printed at the end of ``fit`` (steps/s, each stage's busy time, plan)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+
+class PipelineSummary(L.Callback):
+    """Prints, on global rank 0 after training, the steps/s and each stage's busy and waiting time per step.
+
+    "busy" is forward and backward compute; "wait" is time blocked on receives from the neighbouring stages. The
+    first ``skip`` steps are left out of the averages (warm-up). The summary is also kept as ``self.summary``.
+    """
+
+    def __init__(self, skip: int = 1) -> None:
+        self.skip = skip
+        self.step_times: list[float] = []
+        self.summary: dict[str, Any] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.step_times.append(time.perf_counter() - self._t0)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = trainer.strategy
+        stats = getattr(strategy, "stats", [])[self.skip :]
+        mine = {
+            "rank": trainer.global_rank,
+            "stage": getattr(strategy, "stage", 0),
+            "busy_s": sum(s.busy for s in stats) / max(len(stats), 1),
+            "wait_s": sum(s.wait for s in stats) / max(len(stats), 1),
+            "wall_s": sum(s.wall for s in stats) / max(len(stats), 1),
+        }
+        rows = [mine]
+        if dist.is_available() and dist.is_initialized():
+            rows = [None] * dist.get_world_size()  # type: ignore[list-item]
+            dist.all_gather_object(rows, mine)
+        times = self.step_times[self.skip :] or self.step_times
+        step_s = sum(times) / max(len(times), 1)
+        self.summary = {
+            "steps": len(self.step_times),
+            "steps_per_s": 1.0 / step_s if step_s else 0.0,
+            "step_s": step_s,
+            "ranks": rows,
+        }
+        plan = getattr(strategy, "plan", None)
+        lines = [
+            f"lightning-mp summary: {len(self.step_times)} steps, {self.summary['steps_per_s']:.2f} steps/s"
+            f" ({step_s:.3f} s/step over the last {len(times)})",
+            f"  {'rank':>4} {'stage':>5} {'busy s/step':>12} {'wait s/step':>12} {'busy %':>7}",
+        ]
+        for r in sorted(rows, key=lambda r: (r["stage"], r["rank"])):
+            share = 100 * r["busy_s"] / r["wall_s"] if r["wall_s"] else 0.0
+            lines.append(f"  {r['rank']:>4} {r['stage']:>5} {r['busy_s']:>12.3f} {r['wait_s']:>12.3f} {share:>6.1f}%")
+        if plan is not None:
+            lines.append(plan.format())
+        rank_zero_info("\n".join(lines))
