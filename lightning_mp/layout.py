@@ -80,9 +80,13 @@ class ParallelLayout:
 
 def _quotient(world_size: int, divisor: int, name: str, dp: SizeSpec, pp: SizeSpec, tp: int) -> int:
     if world_size % divisor:
+        given = " × ".join(
+            f"{n}({v})"
+            for n, v in (("data_parallel_size", dp), ("pipeline_parallel_size", pp), ("tensor_parallel_size", tp))
+            if v != "auto"
+        )
         raise LayoutError(
-            f"cannot derive {name}: world size {world_size} is not divisible by"
-            f" data_parallel_size({dp}) × pipeline_parallel_size({pp}) × tensor_parallel_size({tp}) without the auto"
-            f" part = {divisor}. Choose sizes whose product divides {world_size}."
+            f"cannot derive {name}: world size {world_size} (devices × nodes) is not divisible by {given} = {divisor}."
+            f" Choose sizes whose product divides {world_size}, or change the number of devices."
         )
     return world_size // divisor
