@@ -77,7 +77,10 @@ def _lightning_worker(a: argparse.Namespace) -> None:
         def on_train_batch_end(self, *args: Any) -> None:
             self.times.append(time.perf_counter() - self._t0)
 
+    from lightning_mp.callbacks import PipelineSummary
+
     timer = StepTimer()
+    summary = PipelineSummary()
     if a.worker == "single":
         strategy: Any = "auto"
         devices = 1
@@ -95,11 +98,19 @@ def _lightning_worker(a: argparse.Namespace) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, summary],
     )
     trainer.fit(_model(a), DataLoader(_data(a), batch_size=a.batch))
     if trainer.global_rank == 0:
-        Path(a.out).write_text(json.dumps({"step_s": statistics.median(timer.times[1:])}))
+        stages = (
+            {
+                r["stage"]: {"busy_s": round(r["busy_s"], 3), "wait_s": round(r["wait_s"], 3)}
+                for r in summary.summary.get("ranks", [])
+            }
+            if a.worker == "lmp"
+            else None
+        )
+        Path(a.out).write_text(json.dumps({"step_s": statistics.median(timer.times[1:]), "stages": stages}))
 
 
 def _torch_worker(a: argparse.Namespace) -> None:
@@ -164,7 +175,7 @@ def _torch_worker(a: argparse.Namespace) -> None:
 # ---- orchestration ----------------------------------------------------------------------------------------------
 
 
-def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> float:
+def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         argv = [
@@ -213,7 +224,7 @@ def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> float:
             codes, errors = [proc.returncode], [proc.stderr]
         if any(codes):
             raise RuntimeError(f"{worker} {schedule} failed:\n" + "\n".join(e[-3000:] for e in errors))
-        return json.loads(out.read_text())["step_s"]
+        return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -225,12 +236,15 @@ def main() -> None:
     p, m = 2, a.microbatches
     ideal = p * m / (m + p - 1)
     model = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "microbatches": m, "threads_per_rank": 1}
-    single = _run(a, "single")
+    single = _run(a, "single")["step_s"]
     print(json.dumps({"config": "one process", **model, "step_s": round(single, 3)}), flush=True)
     for schedule in a.schedules.split(","):
-        torch_s = _run(a, "torch", schedule)
-        lmp_s = _run(a, "lmp", schedule)
-        for name, t in ((f"torch.distributed.pipelining {schedule}", torch_s), (f"lightning-mp {schedule}", lmp_s)):
+        torch_s = _run(a, "torch", schedule)["step_s"]
+        lmp = _run(a, "lmp", schedule)
+        for name, t in (
+            (f"torch.distributed.pipelining {schedule}", torch_s),
+            (f"lightning-mp {schedule}", lmp["step_s"]),
+        ):
             row = {
                 "config": name,
                 "pp": p,
@@ -242,6 +256,8 @@ def main() -> None:
             }
             if name.startswith("lightning-mp"):
                 row["vs_torch"] = round(torch_s / t, 3)
+                row["stage_busy_s"] = [lmp["stages"][k]["busy_s"] for k in sorted(lmp["stages"], key=int)]
+                row["stage_wait_s"] = [lmp["stages"][k]["wait_s"] for k in sorted(lmp["stages"], key=int)]
             print(json.dumps(row), flush=True)
 
 

@@ -74,3 +74,24 @@ def _children(obj: Any) -> list[Any]:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
     return []
+
+
+def concat_microbatches(outputs: list[Any]) -> Any:
+    """Inverse of :func:`split_batch` for step outputs: tensors concatenated along dim 0, structures rebuilt.
+
+    Scalars (0-dim tensors, numbers, strings) cannot be concatenated: the list of them is returned.
+    """
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    if isinstance(first, Tensor) and first.dim() > 0:
+        return torch.cat(outputs)
+    if isinstance(first, Mapping):
+        return _rebuild_mapping(first, {k: concat_microbatches([o[k] for o in outputs]) for k in first})
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(concat_microbatches(list(v)) for v in zip(*outputs)))
+    if isinstance(first, (list, tuple)) and all(isinstance(o, type(first)) and len(o) == len(first) for o in outputs):
+        if first and all(isinstance(x, (Tensor, Mapping, list, tuple)) for x in first):
+            return type(first)(concat_microbatches(list(v)) for v in zip(*outputs))
+        return type(first)(x for o in outputs for x in o)
+    return outputs

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_mp.comm import P2P
 from lightning_mp.discovery import discover_layers
 from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
-from lightning_mp.microbatch import split_batch
+from lightning_mp.microbatch import concat_microbatches, split_batch
 from lightning_mp.partition import check_explicit_balance, optimal_balance, uniform_balance
 from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import StagePlan, StageRuntime
@@ -115,20 +115,13 @@ class PipelineRunner:
         The gradients land in ``.grad`` (the caller sets them aside for Lightning's ``backward``); micro-batch ``i``
         of ``b_i`` samples contributes ``loss_i * b_i / B * loss_scale``.
         """
-        microbatches, sizes = split_batch(batch, self.microbatches)
-        total = sum(sizes)
-        weights = [s / total for s in sizes]
-        actions = build_schedule(self.schedule, self.runtime.stage, len(self.pp_ranks), len(microbatches))
-        records = LogRecords()
-        result = self.executor.run(
-            actions, self._step_fn(hook, microbatches, rest, records, weights), [w * loss_scale for w in weights]
-        )
+        result, records, weights, total = self._run(hook, batch, rest, loss_scale)
         loss = None
         if self.runtime.is_last:
             losses = [_loss_value(o) for o in result.outputs]
             if all(v is not None for v in losses):
                 loss = sum(w * v for w, v in zip(weights, losses))  # type: ignore[misc]
-        loss = self._share(result, records, loss, total)
+        loss = self._share(records, loss, total)
         self.history.append(result.stats)
         return loss
 
@@ -137,14 +130,34 @@ class PipelineRunner:
 
         Returns the last micro-batch's output on the last stage and None elsewhere.
         """
+        result, records, _, total = self._run(hook, batch, rest)
+        self._share(records, None, total)
+        return result.outputs[-1] if self.runtime.is_last else None
+
+    def predict_step(self, batch: Any, rest: tuple) -> Any:
+        """Forward-only pipeline through ``predict_step``; the whole batch's predictions, on every stage."""
+        result, _, _, _ = self._run("predict_step", batch, rest)
+        payload = [concat_microbatches(result.outputs) if self.runtime.is_last else None]
+        if len(self.pp_ranks) > 1:
+            dist.broadcast_object_list(payload, src=self.pp_ranks[-1], group=self.pp_group)
+        return payload[0]
+
+    def _run(
+        self, hook: str, batch: Any, rest: tuple, loss_scale: float | None = None
+    ) -> tuple[StepResult, LogRecords, list[float], int]:
+        """Split ``batch`` and run the schedule (forward-only without ``loss_scale``)."""
         microbatches, sizes = split_batch(batch, self.microbatches)
         total = sum(sizes)
         weights = [s / total for s in sizes]
         records = LogRecords()
-        actions = forward_only(self.runtime.stage, len(self.pp_ranks), len(microbatches))
-        result = self.executor.run(actions, self._step_fn(hook, microbatches, rest, records, weights))
-        self._share(result, records, None, total)
-        return result.outputs[-1] if self.runtime.is_last else None
+        stage, stages = self.runtime.stage, len(self.pp_ranks)
+        if loss_scale is None:
+            actions, loss_weights = forward_only(stage, stages, len(microbatches)), None
+        else:
+            actions = build_schedule(self.schedule, stage, stages, len(microbatches))
+            loss_weights = [w * loss_scale for w in weights]
+        result = self.executor.run(actions, self._step_fn(hook, microbatches, rest, records, weights), loss_weights)
+        return result, records, weights, total
 
     def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, weights: list[float]):
         step = getattr(self.module, hook)
@@ -155,7 +168,7 @@ class PipelineRunner:
 
         return run
 
-    def _share(self, result: StepResult, records: LogRecords, loss: Tensor | None, batch_size: int) -> Tensor | None:
+    def _share(self, records: LogRecords, loss: Tensor | None, batch_size: int) -> Tensor | None:
         """Send the last stage's loss and logged values to every stage, and log them there."""
         payload = [(loss.detach() if loss is not None else None, records.combined()) if self.runtime.is_last else None]
         if len(self.pp_ranks) > 1:

@@ -32,6 +32,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_mp.checkpoint import (
+    full_state_dict,
+    gather_to_rank_zero,
+    load_named_optimizer_state,
+    merge_optimizer_states,
+    named_optimizer_state,
+)
 from lightning_mp.errors import LayoutError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec
@@ -347,10 +354,9 @@ class ModelParallel(ParallelStrategy):
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "trainer.predict under ModelParallel is not implemented yet: predict with the consolidated model in one"
-            " process, or use trainer.validate/test."
-        )
+        assert self._runner is not None
+        with self.precision_plugin.predict_step_context():
+            return self._runner.predict_step(args[0], args[1:])
 
     # ---- collectives --------------------------------------------------------------------------------------------
     @override
@@ -371,6 +377,46 @@ class ModelParallel(ParallelStrategy):
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    # ---- checkpoints: one ordinary file in the model's own names (see checkpoint.py) -------------------------
+    @property
+    def _holds_unique_state(self) -> bool:
+        # one copy of each stage's state: data-parallel replica 0, tensor-parallel rank 0
+        dp_rank, _, tp_rank = self.layout.coords(self.global_rank)
+        return dp_rank == 0 and tp_rank == 0
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        if self._runner is None:
+            return self.lightning_module.state_dict()
+        return full_state_dict(self.lightning_module, self._holds_unique_state)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        named = named_optimizer_state(optimizer, self.lightning_module)
+        parts = gather_to_rank_zero(named, self._holds_unique_state)
+        return merge_optimizer_states(parts) if parts else {}
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        module = self.lightning_module
+        assert module is not None
+        state = checkpoint["state_dict"]
+        if self._runner is None:  # restored before the split: the whole model
+            module.load_state_dict(state, strict=strict)
+            return
+        local = module.state_dict()
+        missing = [k for k in local if k not in state]
+        if strict and missing:
+            raise KeyError(f"the checkpoint lacks {len(missing)} entries of this stage, e.g. {missing[:3]}")
+        module.load_state_dict({k: v for k, v in state.items() if k in local}, strict=False)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        for optimizer, named in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_named_optimizer_state(getattr(optimizer, "_optimizer", optimizer), self.lightning_module, named)
 
     # ---- failure and teardown -----------------------------------------------------------------------------------
     @override

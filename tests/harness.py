@@ -47,16 +47,28 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     else:
         strategy = lightning_mp.ModelParallel(**strategy_kwargs)
     recorder = Recorder()
+    callbacks: list[L.Callback] = [recorder]
+    if job.get("checkpoint_every"):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out_dir / job["name"] / "ckpts",
+                every_n_train_steps=job["checkpoint_every"],
+                save_top_k=-1,
+                filename="{step}",
+            )
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
         max_steps=job.get("max_steps", 4),
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(job.get("checkpoint_every")),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[recorder],
+        callbacks=callbacks,
         num_sanity_val_steps=0,
         limit_val_batches=job.get("limit_val_batches", 0),
         val_check_interval=job.get("val_check_interval"),
@@ -65,7 +77,10 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     order = job.get("replica_order")
     if order:
         model.train_dataloader = _replica_ordered_loader(model, **order)  # type: ignore[method-assign]
-    trainer.fit(model)
+    resume = job.get("resume_from")
+    trainer.fit(model, ckpt_path=str(out_dir / resume) if resume else None)
+    if job.get("save_to"):
+        trainer.save_checkpoint(out_dir / job["save_to"])
     rank = trainer.global_rank
     result = {
         "losses": recorder.losses,
