@@ -82,12 +82,14 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     if job.get("save_to"):
         trainer.save_checkpoint(out_dir / job["save_to"])
     rank = trainer.global_rank
+    predictions = trainer.predict(model, model.val_dataloader()) if job.get("predict") else None
     result = {
         "losses": recorder.losses,
         "metrics": recorder.metrics,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "stage": getattr(trainer.strategy, "stage", 0),
+        "predictions": predictions,
     }
     target = out_dir / job["name"]
     target.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,10 @@ class SequentialNet(Base):
         x, y = batch
         return self.loss_fn(self.net(x), y)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"logits": self.net(x), "target": y}
+
 
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import assert_matches_reference, load_result, run_harness
 
@@ -53,6 +54,8 @@ def _pp2_jobs() -> list[dict[str, Any]]:
                 **extra,
             }
         )
+    for name, extra in (("ref-predict", {}), ("pp2-predict", {"devices": 2, "strategy": {"microbatches": 3}})):
+        jobs.append({"name": name, "model": "sequential", "model_kwargs": MODEL_KW, "predict": True, **extra})
     jobs.append(
         {"name": "pp2-gpt-registered", "model": "gpt", "model_kwargs": MODEL_KW, "devices": 2, "strategy": "registered"}
     )
@@ -159,3 +162,13 @@ def test_dp2_pp2_matches_one_process(dp2: Path, tmp_path: Path, model: str) -> N
     replica_losses = [results[0]["losses"], results[2]["losses"]]  # ranks 0, 2: stage 0 of replicas 0, 1
     for got in results:
         assert_matches_reference(ref, {**got, "losses": [sum(v) / 2 for v in zip(*replica_losses)]})
+
+
+def test_predict_returns_the_batches_predictions_on_every_rank(pp2: Path) -> None:
+    ref = load_result(pp2, "ref-predict", 0)["predictions"]
+    for rank in range(2):
+        got = load_result(pp2, "pp2-predict", rank)["predictions"]
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got):
+            assert torch.equal(a["target"], b["target"])
+            assert (a["logits"] - b["logits"]).abs().max().item() <= 1e-5
