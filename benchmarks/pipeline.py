@@ -8,6 +8,9 @@ too) on the same total batch with AdamW, one thread per process, gloo on CPU. Pr
 - ``of_ideal``: speedup / ideal;
 - ``vs_torch``: steps/s over the torch.distributed.pipelining run with the same schedule (lightning-mp rows).
 
+Each configuration runs ``--repeats`` times, lightning-mp and torch alternating, and the fastest run counts (the
+median step of a run, after one warm-up step): step times on this kind of machine drift by up to ±15% between runs.
+
 Usage: ``python benchmarks/pipeline.py [--layers 8 --d 512 --seq 128 --batch 32 --microbatches 8 --steps 5]``.
 """
 
@@ -40,6 +43,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps, after one warm-up step")
     p.add_argument("--schedules", default="gpipe,1f1b")
+    p.add_argument("--repeats", type=int, default=2, help="runs per configuration, alternating; the fastest counts")
     p.add_argument("--worker", choices=["single", "lmp", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -236,11 +240,15 @@ def main() -> None:
     p, m = 2, a.microbatches
     ideal = p * m / (m + p - 1)
     model = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "microbatches": m, "threads_per_rank": 1}
-    single = _run(a, "single")["step_s"]
+    single = min(_run(a, "single")["step_s"] for _ in range(a.repeats))
     print(json.dumps({"config": "one process", **model, "step_s": round(single, 3)}), flush=True)
     for schedule in a.schedules.split(","):
-        torch_s = _run(a, "torch", schedule)["step_s"]
-        lmp = _run(a, "lmp", schedule)
+        torch_runs, lmp_runs = [], []
+        for _ in range(a.repeats):  # alternate, so that drifting machine speed hits both alike
+            torch_runs.append(_run(a, "torch", schedule))
+            lmp_runs.append(_run(a, "lmp", schedule))
+        torch_s = min(r["step_s"] for r in torch_runs)
+        lmp = min(lmp_runs, key=lambda r: r["step_s"])
         for name, t in (
             (f"torch.distributed.pipelining {schedule}", torch_s),
             (f"lightning-mp {schedule}", lmp["step_s"]),
