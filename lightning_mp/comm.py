@@ -1,9 +1,9 @@
 """Point-to-point messages between neighbouring stages: any structure of tensors, with shapes that may change.
 
 A forward message carries what a stage's last block returned: a tensor, or a tuple/list/dict/dataclass of
-tensors and constants. It travels as a small pickled header (the structure, and each tensor's shape, dtype and
-whether it needs a gradient) followed by one message per tensor, so the sequence length may change from
-micro-batch to micro-batch with no agreement beforehand. Gradients travel back without a header: the receiver
+tensors and constants. It travels as a pickled header in one fixed-size frame (the structure, and each tensor's
+shape, dtype and whether it needs a gradient) followed by one message per tensor, so the sequence length may change
+from micro-batch to micro-batch with no agreement beforehand. Gradients travel back without a header: the receiver
 knows their shapes from the forward message. Sends are asynchronous; their handles are kept until the step ends.
 """
 
@@ -60,6 +60,56 @@ def unflatten(spec: Any, tensors: list[Tensor]) -> Any:
     return values if spec[1] is dict else spec[1](values)
 
 
+# ---- framing: a pickled payload in one fixed-size message (two when it is large) -------------------------------
+
+FRAME_BYTES = 4096
+_LENGTH_BYTES = 8
+
+
+def encode_frames(payload: bytes, device: torch.device) -> list[Tensor]:
+    """``payload`` as a fixed-size first frame (its length, then as much as fits) and, if needed, the rest."""
+    data = len(payload).to_bytes(_LENGTH_BYTES, "little") + payload
+    first = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+    head = data[:FRAME_BYTES]
+    first[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    frames = [first.to(device)]
+    if len(data) > FRAME_BYTES:
+        frames.append(torch.frombuffer(bytearray(data[FRAME_BYTES:]), dtype=torch.uint8).to(device))
+    return frames
+
+
+def frame_overflow(first: Tensor) -> int:
+    """Bytes of the payload that did not fit in the first frame (the size of the second frame, or 0)."""
+    length = int.from_bytes(first[:_LENGTH_BYTES].cpu().numpy().tobytes(), "little")
+    return max(0, _LENGTH_BYTES + length - FRAME_BYTES)
+
+
+def decode_frames(first: Tensor, rest: Tensor | None) -> bytes:
+    """The payload carried by :func:`encode_frames`' frames."""
+    length = int.from_bytes(first[:_LENGTH_BYTES].cpu().numpy().tobytes(), "little")
+    data = first.cpu().numpy().tobytes()[_LENGTH_BYTES:]
+    if rest is not None:
+        data += rest.cpu().numpy().tobytes()
+    return data[:length]
+
+
+def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, device: torch.device) -> Any:
+    """``obj`` from global rank ``src`` on every rank of ``group``: one collective for small objects, two for large."""
+    is_src = dist.get_rank() == src
+    frames = (
+        encode_frames(pickle.dumps(obj), device)
+        if is_src
+        else [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device)]
+    )
+    dist.broadcast(frames[0], src, group=group)
+    overflow = frame_overflow(frames[0])
+    if overflow:
+        if not is_src:
+            frames.append(torch.empty(overflow, dtype=torch.uint8, device=device))
+        dist.broadcast(frames[1], src, group=group)
+    return obj if is_src else pickle.loads(decode_frames(frames[0], frames[1] if overflow else None))
+
+
 # ---- messages ---------------------------------------------------------------------------------------------------
 
 
@@ -92,20 +142,21 @@ class P2P:
         """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back)."""
         tensors, spec = flatten(value)
         metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
-        header = torch.frombuffer(bytearray(pickle.dumps((spec, metas))), dtype=torch.uint8)
-        self._isend(torch.tensor([header.numel()], dtype=torch.int64), dst)
-        self._isend(header, dst)
+        for frame in encode_frames(pickle.dumps((spec, metas)), self.device):
+            self._isend(frame, dst)
         for t in tensors:
             self._isend(t.detach().contiguous(), dst)
         return tensors
 
     def recv_activation(self, src: int) -> Received:
         """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
-        length = torch.empty(1, dtype=torch.int64)
-        self._recv(length, src)
-        header = torch.empty(int(length.item()), dtype=torch.uint8)
-        self._recv(header, src)
-        spec, metas = pickle.loads(header.numpy().tobytes())
+        first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+        self._recv(first, src)
+        rest = None
+        if frame_overflow(first):
+            rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
+            self._recv(rest, src)
+        spec, metas = pickle.loads(decode_frames(first, rest))
         tensors = []
         for meta in metas:
             t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)

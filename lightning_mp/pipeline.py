@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_mp.comm import P2P
+from lightning_mp.comm import P2P, broadcast_object
 from lightning_mp.discovery import discover_layers
+from lightning_mp.errors import ModelSplitError
 from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
 from lightning_mp.microbatch import concat_microbatches, split_batch
 from lightning_mp.partition import check_explicit_balance, optimal_balance, uniform_balance
 from lightning_mp.schedules import build_schedule, forward_only
-from lightning_mp.stage import StagePlan, StageRuntime
+from lightning_mp.stage import RemoteLayer, StagePlan, StageRuntime, stage_parameters
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 
 BalanceSpec = Union[Literal["uniform", "params"], Sequence[int]]
@@ -41,6 +42,11 @@ def build_plan(
     Raises:
         ModelSplitError: the model cannot be split this way; the message names the setting that fixes it.
     """
+    if any(isinstance(m, RemoteLayer) for m in root.modules()):
+        raise ModelSplitError(
+            f"this {type(root).__name__} was already split into pipeline stages by another Trainer: run fit, validate"
+            " and test with the same Trainer, or build a fresh model (or load the saved checkpoint into one)."
+        )
     found = discover_layers(root, layers)
     if isinstance(balance, str):
         if balance == "uniform":
@@ -58,7 +64,9 @@ def build_plan(
     else:
         counts = check_explicit_balance(balance, found.num_layers, num_stages)
         method = "explicit"
-    return StagePlan(found, counts, method)
+    plan = StagePlan(found, counts, method)
+    plan.param_counts = [sum(p.numel() for p in stage_parameters(root, plan, s)) for s in range(num_stages)]
+    return plan
 
 
 def _direct_params(root: nn.Module, names: list[str]) -> float:
@@ -99,6 +107,7 @@ class PipelineRunner:
         self.pp_ranks = list(pp_ranks)
         self.pp_group = pp_group
         self.schedule = schedule
+        self.device = device
         self.microbatches = 1 if schedule == "none" else microbatches
         stage = runtime.stage
         self.executor = PipelineExecutor(
@@ -137,10 +146,8 @@ class PipelineRunner:
     def predict_step(self, batch: Any, rest: tuple) -> Any:
         """Forward-only pipeline through ``predict_step``; the whole batch's predictions, on every stage."""
         result, _, _, _ = self._run("predict_step", batch, rest)
-        payload = [concat_microbatches(result.outputs) if self.runtime.is_last else None]
-        if len(self.pp_ranks) > 1:
-            dist.broadcast_object_list(payload, src=self.pp_ranks[-1], group=self.pp_group)
-        return payload[0]
+        predictions = concat_microbatches(result.outputs) if self.runtime.is_last else None
+        return self._from_last_stage(predictions)
 
     def _run(
         self, hook: str, batch: Any, rest: tuple, loss_scale: float | None = None
@@ -170,12 +177,16 @@ class PipelineRunner:
 
     def _share(self, records: LogRecords, loss: Tensor | None, batch_size: int) -> Tensor | None:
         """Send the last stage's loss and logged values to every stage, and log them there."""
-        payload = [(loss.detach() if loss is not None else None, records.combined()) if self.runtime.is_last else None]
-        if len(self.pp_ranks) > 1:
-            dist.broadcast_object_list(payload, src=self.pp_ranks[-1], group=self.pp_group)
-        shared_loss, combined = payload[0]  # type: ignore[misc]
+        payload = (loss.detach() if loss is not None else None, records.combined()) if self.runtime.is_last else None
+        shared_loss, combined = self._from_last_stage(payload)
         replay_logs(self.module, combined, batch_size)
         return shared_loss
+
+    def _from_last_stage(self, obj: Any) -> Any:
+        """The last stage's ``obj`` on every stage of the pipeline."""
+        if len(self.pp_ranks) == 1:
+            return obj
+        return broadcast_object(obj, self.pp_ranks[-1], self.pp_group, self.device)
 
 
 def _loss_value(output: Any) -> Tensor | None:

@@ -5,8 +5,8 @@ The user's own code keeps running on every stage. On stage ``s``, whose layers a
 - the layers before ``first`` are :class:`RemoteLayer` stand-ins. The one just before ``first`` returns what stage
   ``s - 1`` sent (the whole output of its last layer, rebuilt); earlier ones return a detached copy of it, so that the
   model's loop keeps the shapes and structure it expects at no cost;
-- a forward hook on layer ``last`` captures its output and, unless ``s`` is the last stage, ends the forward with
-  :class:`StageDone`, so the head, the loss and ``self.log`` run on the last stage only;
+- layer ``last`` hands what its call returned to the runtime and, unless ``s`` is the last stage, ends the forward
+  with :class:`StageDone`, so the head, the loss and ``self.log`` run on the last stage only;
 - parameterized modules registered before the layers belong to the first stage, those after to the last. Elsewhere an
   ``nn.Embedding`` becomes a :class:`ZeroEmbedding` (its output is overwritten by the received activation), a
   module after the layers becomes :class:`Unreachable`, and any other module keeps its code but its parameters
@@ -16,6 +16,7 @@ The user's own code keeps running on every stage. On stage ``s``, whose layers a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class StagePlan:
     layers: ModelLayers
     balance: list[int]
     balance_method: str = "uniform"
+    param_counts: list[int] | None = None  # parameters each stage holds (tied weights on each stage using them)
 
     @property
     def num_stages(self) -> int:
@@ -73,7 +75,7 @@ class StagePlan:
             )
         return rows
 
-    def format(self, param_counts: list[int] | None = None) -> str:
+    def format(self) -> str:
         """A human-readable table of the plan."""
         lines = [
             f"lightning-mp stage plan: {self.layers.num_layers} layers of '{self.layers.container_name}'"
@@ -85,7 +87,8 @@ class StagePlan:
                 extra.append("before: " + ", ".join(row["before"]))
             if row["after"]:
                 extra.append("after: " + ", ".join(row["after"]))
-            params = f", {param_counts[row['stage']]:,} params" if param_counts else ""
+            counts = self.param_counts
+            params = f", {counts[row['stage']]:,} params" if counts else ""
             lines.append(
                 f"  stage {row['stage']}: {row['layers']} ({row['num_layers']} layers{params})"
                 + (f"; {'; '.join(extra)}" if extra else "")
@@ -119,13 +122,13 @@ class StageRuntime:
     # ---- set-up -------------------------------------------------------------------------------------------------
     def _install(self, root: nn.Module) -> None:
         layers = self.plan.layers
-        needed = {id(p) for p in _stage_parameters(root, self.plan, self.stage)}
+        needed = {id(p) for p in stage_parameters(root, self.plan, self.stage)}
         for i in range(layers.num_layers):
             if i in self.own_layers:
                 block = layers.layer(i)
                 self._hooks.append(block.register_forward_pre_hook(self._make_trace_hook(i)))
                 if i == self.own_layers.stop - 1:
-                    self._hooks.append(block.register_forward_hook(self._capture_hook))
+                    _call_then(block, self._capture)
             else:
                 layers.container[i] = RemoteLayer(i, self, layers.layer(i))  # type: ignore[index]
         for name in layers.pre + layers.post:
@@ -193,13 +196,13 @@ class StageRuntime:
 
         return hook
 
-    def _capture_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _capture(self, output: Any) -> Any:
         state = self._state
-        if not state.active or state.captured is not None:
-            return  # activation-checkpoint recomputation in backward, or outside a pipeline forward
-        state.captured = output
-        if not self.is_last:
-            raise StageDone
+        if state.active and state.captured is None:
+            state.captured = output
+            if not self.is_last:
+                raise StageDone
+        return output
 
     def remote_output(self, index: int) -> Any:
         """What the stand-in of layer ``index`` returns in the current forward."""
@@ -312,6 +315,23 @@ class Unreachable(nn.Module):
         )
 
 
+def _call_then(module: nn.Module, after: Callable[[Any], Any]) -> None:
+    """Make ``module(...)`` return ``after(output)``.
+
+    Unlike a forward hook, this sees what the call returns to the model's code: wrappers such as Hugging Face's
+    gradient checkpointing run forward hooks inside the checkpoint, where the output carries no autograd history.
+    The module's class is swapped for a subclass of the same name, so ``isinstance`` checks still hold.
+    """
+    cls = type(module)
+
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return after(cls.__call__(self, *args, **kwargs))
+
+    module.__class__ = type(
+        cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    )
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -334,7 +354,7 @@ def _modules_of_stage(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.M
     return mods
 
 
-def _stage_parameters(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.Parameter]:
+def stage_parameters(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.Parameter]:
     params: dict[int, nn.Parameter] = {}
     for i, module in enumerate(_modules_of_stage(root, plan, stage)):
         recurse = i < len(plan.layer_range(stage))  # layers own everything inside; outside modules their own params
@@ -347,7 +367,7 @@ def _shared_parameters(root: nn.Module, plan: StagePlan) -> list[tuple[str, tupl
     """Parameters used by more than one stage (tied weights), with the stages that use them, in name order."""
     stages_of: dict[int, set[int]] = {}
     for s in range(plan.num_stages):
-        for p in _stage_parameters(root, plan, s):
+        for p in stage_parameters(root, plan, s):
             stages_of.setdefault(id(p), set()).add(s)
     shared = []
     for name, p in root.named_parameters():

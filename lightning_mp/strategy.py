@@ -231,13 +231,10 @@ class ModelParallel(ParallelStrategy):
 
     def _split_model(self, module: Any) -> None:
         layout = self.layout
-        if layout.tp > 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet; use tensor_parallel_size=1.")
         self.plan = build_plan(module, layout.pp, self.balance, self.layers)
-        counts = _stage_param_counts(module, self.plan)
         runtime = StageRuntime(module, self.plan, self.stage)
         rank_zero_info(
-            self.plan.format(counts) + f"\n  layout: {layout}, schedule={self.schedule},"
+            self.plan.format() + f"\n  layout: {layout}, schedule={self.schedule},"
             f" microbatches={1 if self.schedule == 'none' else self.microbatches}"
         )
         pp_mesh = self._mesh["pp"]
@@ -438,12 +435,6 @@ class ModelParallel(ParallelStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Pipeline model parallelism (lightning-mp)")
-
-
-def _stage_param_counts(module: Any, plan: StagePlan) -> list[int]:
-    from lightning_mp.stage import _stage_parameters
-
-    return [sum(p.numel() for p in _stage_parameters(module, plan, s)) for s in range(plan.num_stages)]
 
 
 def _check_options(

@@ -15,21 +15,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a Python script as a fresh job (no inherited rank variables); Lightning launches the other ranks."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_harness(jobs: list[dict[str, Any]], out_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``jobs`` through tests/harness.py in a fresh process group; Lightning launches the other ranks."""
+    """Run ``jobs`` through tests/harness.py (see its docstring)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = out_dir / "jobs.json"
     spec.write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "harness.py"), str(spec), str(out_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script([str(ROOT / "tests" / "harness.py"), str(spec), str(out_dir)], timeout)
 
 
 def load_result(out_dir: Path, job: str, rank: int) -> dict[str, Any]:

@@ -142,7 +142,7 @@ class TinyGPT(Base):
 class HFCausalLM(Base):
     """A Hugging Face causal LM (GPT-2 or LLaMA) built from a small config, called with dict batches."""
 
-    def __init__(self, family: str = "gpt2", layers: int = 4, **kw: Any) -> None:
+    def __init__(self, family: str = "gpt2", layers: int = 4, checkpointing: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -171,6 +171,8 @@ class HFCausalLM(Base):
                 tie_word_embeddings=True,
             )
             self.model = LlamaForCausalLM(config)
+        if checkpointing:
+            self.model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(**batch, use_cache=False).loss

@@ -6,9 +6,10 @@ import pickle
 from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 
+import pytest
 import torch
 
-from lightning_mp.comm import flatten, unflatten
+from lightning_mp.comm import FRAME_BYTES, decode_frames, encode_frames, flatten, frame_overflow, unflatten
 
 Out = namedtuple("Out", "hidden extra")
 
@@ -35,3 +36,12 @@ def test_single_tensor() -> None:
     t = torch.randn(2, 2)
     tensors, spec = flatten(t)
     assert unflatten(spec, tensors) is t
+
+
+@pytest.mark.parametrize("size", [0, 100, FRAME_BYTES - 8, FRAME_BYTES, 3 * FRAME_BYTES + 5])
+def test_frames_carry_any_payload_size(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frames = encode_frames(payload, torch.device("cpu"))
+    assert frames[0].numel() == FRAME_BYTES
+    assert frame_overflow(frames[0]) == (frames[1].numel() if len(frames) > 1 else 0)
+    assert decode_frames(frames[0], frames[1] if len(frames) > 1 else None) == payload

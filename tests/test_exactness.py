@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import assert_matches_reference, load_result, run_harness
+from tests.conftest import ROOT, assert_matches_reference, load_result, run_harness, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -52,6 +52,18 @@ def _pp2_jobs() -> list[dict[str, Any]]:
                 "devices": 2,
                 "strategy": {"pipeline_parallel_size": 2, "microbatches": 3},
                 **extra,
+            }
+        )
+    for mode in ("reentrant", "non_reentrant"):  # Hugging Face gradient checkpointing inside the blocks
+        kw = {**MODEL_KW, "checkpointing": mode}
+        jobs.append({"name": f"ref-ckpt-{mode}", "model": "hf_gpt2", "model_kwargs": kw})
+        jobs.append(
+            {
+                "name": f"pp2-ckpt-{mode}",
+                "model": "hf_gpt2",
+                "model_kwargs": kw,
+                "devices": 2,
+                "strategy": {"microbatches": 2},
             }
         )
     for name, extra in (("ref-predict", {}), ("pp2-predict", {"devices": 2, "strategy": {"microbatches": 3}})):
@@ -172,3 +184,21 @@ def test_predict_returns_the_batches_predictions_on_every_rank(pp2: Path) -> Non
         for a, b in zip(ref, got):
             assert torch.equal(a["target"], b["target"])
             assert (a["logits"] - b["logits"]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_hf_gradient_checkpointing(pp2: Path, mode: str) -> None:
+    ref = load_result(pp2, f"ref-ckpt-{mode}", 0)
+    for rank in range(2):
+        assert_matches_reference(ref, load_result(pp2, f"pp2-ckpt-{mode}", rank))
+
+
+def test_standalone_pytorch_lightning_package(tmp_path: Path) -> None:
+    pytest.importorskip("pytorch_lightning")
+    results = {}
+    for devices in (1, 2):
+        proc = run_script([str(ROOT / "tests" / "pl_harness.py"), str(tmp_path / str(devices)), str(devices)])
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        results[devices] = [load_result(tmp_path, f"{devices}", r) for r in range(devices)]
+    for got in results[2]:
+        assert_matches_reference(results[1][0], got)
