@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -40,8 +41,13 @@ class PipelineSummary(L.Callback):
         }
         rows = [mine]
         if dist.is_available() and dist.is_initialized():
-            rows = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(rows, mine)
+            fields = list(mine)
+            local = torch.tensor([float(mine[f]) for f in fields], dtype=torch.float64, device=strategy.root_device)
+            gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local)
+            rows = [dict(zip(fields, t.tolist())) for t in gathered]
+            for row in rows:
+                row["rank"], row["stage"] = int(row["rank"]), int(row["stage"])
         times = self.step_times[self.skip :] or self.step_times
         step_s = sum(times) / max(len(times), 1)
         self.summary = {

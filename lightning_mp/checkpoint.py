@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_mp.stage import is_placeholder
+
 
 def gather_to_rank_zero(local: Any, is_contributor: bool) -> list[Any] | None:
     """Every rank's ``local`` (None where ``is_contributor`` is False) as a list on global rank 0, None elsewhere."""
@@ -26,7 +28,7 @@ def gather_to_rank_zero(local: Any, is_contributor: bool) -> list[Any] | None:
 
 def full_state_dict(module: nn.Module, is_contributor: bool) -> dict[str, Any]:
     """The whole model's state dict on rank 0 (empty elsewhere), merged from every stage's own entries."""
-    local = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    local = {k: v.detach().cpu() for k, v in module.state_dict().items() if not is_placeholder(k)}
     parts = gather_to_rank_zero(local, is_contributor)
     merged: dict[str, Any] = {}
     for part in parts or []:

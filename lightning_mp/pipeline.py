@@ -12,13 +12,14 @@ from typing import Any, Literal, Union
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mp.comm import P2P, broadcast_object
 from lightning_mp.discovery import discover_layers
 from lightning_mp.errors import ModelSplitError
 from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
-from lightning_mp.microbatch import concat_microbatches, split_batch
+from lightning_mp.microbatch import batch_size_of, concat_microbatches, split_batch
 from lightning_mp.partition import check_explicit_balance, optimal_balance, uniform_balance
 from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import RemoteLayer, StagePlan, StageRuntime, stage_parameters
@@ -154,6 +155,11 @@ class PipelineRunner:
     ) -> tuple[StepResult, LogRecords, list[float], int]:
         """Split ``batch`` and run the schedule (forward-only without ``loss_scale``)."""
         microbatches, sizes = split_batch(batch, self.microbatches)
+        if len(microbatches) == 1 and self.microbatches > 1 and batch_size_of(batch) is None:
+            rank_zero_warn(
+                f"lightning-mp found no batch dimension in a batch of type {type(batch).__name__} (no tensor in a"
+                " tuple, list, dict or dataclass): it runs as one micro-batch, without pipelining."
+            )
         total = sum(sizes)
         weights = [s / total for s in sizes]
         records = LogRecords()

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from lightning_mp.comm import Received, flatten, unflatten
 from lightning_mp.discovery import ModelLayers
-from lightning_mp.errors import ModelSplitError
+from lightning_mp.errors import ModelSplitError, PipelineError
+
+PLACEHOLDER = "lightning_mp_placeholder"
+
+
+def is_placeholder(name: str) -> bool:
+    """Whether a parameter name is the empty parameter that a stage without trainable parameters carries."""
+    return name.rsplit(".", 1)[-1] == PLACEHOLDER
 
 
 class StageDone(BaseException):
@@ -103,6 +110,7 @@ class _ForwardState:
     captured: Any = None
     calls: list[int] = field(default_factory=list)
     active: bool = False
+    grad_enabled: bool = False
 
 
 class StageRuntime:
@@ -118,6 +126,10 @@ class StageRuntime:
         self._hooks: list[Any] = []
         self.shared_params = _shared_parameters(root, plan)
         self._install(root)
+        if not any(p.requires_grad for p in root.parameters()):
+            # A frozen stage still builds the user's optimizer (so that every rank steps in lockstep), and
+            # optimizers reject an empty parameter list: give it one empty parameter, outside checkpoints.
+            plan.layers.container.register_parameter(PLACEHOLDER, nn.Parameter(torch.zeros(0)))
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def _install(self, root: nn.Module) -> None:
@@ -152,7 +164,9 @@ class StageRuntime:
         detached = None
         if received is not None:
             detached = unflatten(flatten(received.value)[1], [t.detach() for t in received.tensors])
-        self._state = _ForwardState(received=received, detached=detached, active=True)
+        self._state = _ForwardState(
+            received=received, detached=detached, active=True, grad_enabled=torch.is_grad_enabled()
+        )
 
     def end_forward(self) -> Any:
         """Disarm and return what the last own layer produced (None if it never ran)."""
@@ -201,8 +215,21 @@ class StageRuntime:
         if state.active and state.captured is None:
             state.captured = output
             if not self.is_last:
+                if state.grad_enabled and self._trains_own_layers() and not _carries_grad(output):
+                    raise PipelineError(self._no_grad_message())
                 raise StageDone
         return output
+
+    def _trains_own_layers(self) -> bool:
+        return any(p.requires_grad for i in self.own_layers for p in self.plan.layers.layer(i).parameters())
+
+    def _no_grad_message(self) -> str:
+        name = self.plan.layers.layer_names[self.own_layers.stop - 1]
+        return (
+            f"layer {name} returned no tensor that carries a gradient, although stage {self.stage}'s layers train:"
+            " their gradients could not flow back. This happens when the layer is called inside"
+            " torch.utils.checkpoint.checkpoint(..., use_reentrant=True); use use_reentrant=False."
+        )
 
     def remote_output(self, index: int) -> Any:
         """What the stand-in of layer ``index`` returns in the current forward."""
@@ -313,6 +340,10 @@ class Unreachable(nn.Module):
             f"module '{self.name}' is registered after the layers, so lightning-mp placed it on the last stage, but"
             f" stage {self.stage} ran it before its layers. Register it before the layer container in __init__."
         )
+
+
+def _carries_grad(value: Any) -> bool:
+    return any(t.requires_grad for t in flatten(value)[0])
 
 
 def _call_then(module: nn.Module, after: Callable[[Any], Any]) -> None:

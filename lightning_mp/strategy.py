@@ -43,7 +43,7 @@ from lightning_mp.errors import LayoutError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec
 from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan
-from lightning_mp.stage import StagePlan, StageRuntime
+from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class ModelParallel(ParallelStrategy):
             module.load_state_dict(state, strict=strict)
             return
         local = module.state_dict()
-        missing = [k for k in local if k not in state]
+        missing = [k for k in local if k not in state and not is_placeholder(k)]
         if strict and missing:
             raise KeyError(f"the checkpoint lacks {len(missing)} entries of this stage, e.g. {missing[:3]}")
         module.load_state_dict({k: v for k, v in state.items() if k in local}, strict=False)

@@ -139,6 +139,32 @@ class TinyGPT(Base):
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
 
 
+class FrozenBottomGPT(TinyGPT):
+    """Fine-tuning with the embeddings and the first half of the blocks frozen (no gradient leaves stage 0)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        for module in (self.wte, self.wpe, *self.blocks[: len(self.blocks) // 2]):
+            module.requires_grad_(False)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
+
+
+class ReentrantCheckpointGPT(TinyGPT):
+    """Calls its blocks through torch.utils.checkpoint with use_reentrant=True (hides the blocks' outputs' history)."""
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        t = ids.shape[1]
+        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
+        mask = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=True)
+        logits = self.head(self.ln_f(x))
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
 class HFCausalLM(Base):
     """A Hugging Face causal LM (GPT-2 or LLaMA) built from a small config, called with dict batches."""
 
@@ -261,4 +287,10 @@ class FailsMidTraining(TinyGPT):
         return super().training_step(batch, batch_idx)
 
 
-MODELS.update(unsplittable=Unsplittable, twice=CallsABlockTwice, fails=FailsMidTraining)
+MODELS.update(
+    unsplittable=Unsplittable,
+    twice=CallsABlockTwice,
+    fails=FailsMidTraining,
+    frozen=FrozenBottomGPT,
+    reentrant=ReentrantCheckpointGPT,
+)

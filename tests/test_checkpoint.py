@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import assert_matches_reference, load_result, run_harness
+from tests.conftest import assert_matches_reference, load_result, run_jobs_or_fail
 from tests.models import make_model
 
 pytestmark = pytest.mark.distributed
@@ -18,16 +18,13 @@ PP2 = {"pipeline_parallel_size": 2, "microbatches": 3}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt")
     common = {"model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": PP2, "max_steps": 4}
     jobs = [
         # ModelCheckpoint saves at steps 2 and 4; trainer.save_checkpoint after fit writes final.ckpt
         {"name": "straight", **common, "checkpoint_every": 2, "save_to": "final.ckpt"},
         {"name": "resumed", **common, "resume_from": "straight/ckpts/step=2.ckpt"},
     ]
-    proc = run_harness(jobs, out)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return out
+    return run_jobs_or_fail(tmp_path_factory, "ckpt", jobs)
 
 
 def test_resume_continues_to_the_same_numbers(runs: Path) -> None:

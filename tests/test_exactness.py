@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_matches_reference, load_result, run_harness, run_script
+from tests.conftest import ROOT, assert_matches_reference, load_result, run_harness, run_jobs_or_fail, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -66,6 +66,8 @@ def _pp2_jobs() -> list[dict[str, Any]]:
                 "strategy": {"microbatches": 2},
             }
         )
+    jobs.append({"name": "ref-frozen", "model": "frozen", "model_kwargs": MODEL_KW})
+    jobs.append({"name": "pp2-frozen", "model": "frozen", "model_kwargs": MODEL_KW, "devices": 2, "strategy": {}})
     for name, extra in (("ref-predict", {}), ("pp2-predict", {"devices": 2, "strategy": {"microbatches": 3}})):
         jobs.append({"name": name, "model": "sequential", "model_kwargs": MODEL_KW, "predict": True, **extra})
     jobs.append(
@@ -76,10 +78,7 @@ def _pp2_jobs() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pp2")
-    proc = run_harness(_pp2_jobs(), out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+    return run_jobs_or_fail(tmp_path_factory, "pp2", _pp2_jobs())
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -147,10 +146,7 @@ def _dp2_jobs() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dp2")
-    proc = run_harness(_dp2_jobs(), out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+    return run_jobs_or_fail(tmp_path_factory, "dp2", _dp2_jobs())
 
 
 @pytest.mark.parametrize("model", ["gpt", "hf_gpt2", "sequential"])
@@ -202,3 +198,9 @@ def test_standalone_pytorch_lightning_package(tmp_path: Path) -> None:
         results[devices] = [load_result(tmp_path, f"{devices}", r) for r in range(devices)]
     for got in results[2]:
         assert_matches_reference(results[1][0], got)
+
+
+def test_frozen_first_stage_trains_the_rest(pp2: Path) -> None:
+    ref = load_result(pp2, "ref-frozen", 0)
+    for rank in range(2):
+        assert_matches_reference(ref, load_result(pp2, "pp2-frozen", rank))
