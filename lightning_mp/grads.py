@@ -24,6 +24,7 @@ class GradStash:
 
     def begin(self, params: Iterable[nn.Parameter]) -> None:
         """Before the step: set the accumulated gradients aside so the step starts from none."""
+        self._step_grads = []  # a skipped step's gradients (no backward followed) are dropped
         self._held = [(p, p.grad) for p in params]
         for p, _ in self._held:
             p.grad = None

@@ -169,7 +169,7 @@ class StageRuntime:
         )
 
     def end_forward(self) -> Any:
-        """Disarm and return what the last own layer produced (None if it never ran)."""
+        """Disarm and return what the last own layer produced; check that the layers ran once each, in order."""
         state, self._state = self._state, _ForwardState()
         last_needed = self.plan.layers.num_layers - 1 if self.is_last else self.own_layers.stop - 1
         if state.calls != list(range(last_needed + 1)):
