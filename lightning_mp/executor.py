@@ -74,6 +74,7 @@ class PipelineExecutor:
                 else:
                     self._backward(in_flight.pop(action.microbatch), stats)
             self.p2p.wait_sends()
+            self.runtime.check_no_bypass()
         finally:
             stats.wall = time.perf_counter() - start
         return result

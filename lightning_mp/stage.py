@@ -124,6 +124,10 @@ class StageRuntime:
         self.own_layers = plan.layer_range(stage)
         self._state = _ForwardState()
         self._hooks: list[Any] = []
+        # Tensors of first-stage modules on later stages: a gradient reaching one means the model routes something
+        # around the layers, which a split at the layers cannot carry (see check_no_bypass).
+        self._watched: list[tuple[str, Tensor]] = []
+        self._step_watched: list[tuple[str, Tensor]] = []
         self.shared_params = _shared_parameters(root, plan)
         self._install(root)
         if not any(p.requires_grad for p in root.parameters()):
@@ -155,7 +159,7 @@ class StageRuntime:
             elif isinstance(module, nn.Embedding):
                 _replace(root, name, ZeroEmbedding(module, name, self))
             else:
-                _demote_parameters(module, needed)
+                self._watched += [(name, t) for t in _demote_parameters(module, needed) if t.requires_grad]
                 self._hooks.append(module.register_forward_pre_hook(self._make_order_guard(name)))
 
     # ---- one forward --------------------------------------------------------------------------------------------
@@ -246,6 +250,27 @@ class StageRuntime:
             return unflatten(flatten(state.received.value)[1], tensors)
         return state.detached
 
+    def watch(self, name: str, tensor: Tensor) -> None:
+        """Watch a stand-in's output during this step (see :meth:`check_no_bypass`)."""
+        self._step_watched.append((name, tensor))
+
+    def check_no_bypass(self) -> None:
+        """After a step's backward: fail if a gradient reached a first-stage module's output on a later stage.
+
+        Raises:
+            PipelineError: the model has a connection around the layer container (e.g. the embeddings added again
+                after the blocks); only the last layer's output travels between stages, so it would train wrongly.
+        """
+        watched, self._step_watched = self._watched + self._step_watched, []
+        for name, tensor in watched:
+            if tensor.grad is not None:
+                raise PipelineError(
+                    f"on stage {self.stage} the output of '{name}', a module of the first stage, reaches the loss"
+                    f" without passing through the layers of '{self.plan.layers.container_name}': the model has a"
+                    " connection around them, and lightning-mp carries only the last layer's output between stages."
+                    " Point layers= at a container whose blocks carry everything forward."
+                )
+
     def layers_started(self) -> bool:
         return bool(self._state.calls)
 
@@ -315,7 +340,10 @@ class ZeroEmbedding(nn.Module):
                 f"embedding '{self.name}' is registered before the layers but runs after them; register it after the"
                 " layers in __init__, so that lightning-mp places it on the last stage."
             )
-        return torch.zeros(*indices.shape, self.embedding_dim, dtype=self.dtype, device=indices.device)
+        zeros = torch.zeros(*indices.shape, self.embedding_dim, dtype=self.dtype, device=indices.device)
+        if torch.is_grad_enabled():
+            self._runtime[0].watch(self.name, zeros.requires_grad_())
+        return zeros
 
     def __getattr__(self, name: str) -> Any:
         if name == "weight":
@@ -369,12 +397,20 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _demote_parameters(module: nn.Module, needed: set[int]) -> None:
-    """Turn the module's parameters that this stage does not own into plain tensors (not trained, not saved)."""
+def _demote_parameters(module: nn.Module, needed: set[int]) -> list[Tensor]:
+    """Turn the module's parameters that this stage does not own into plain tensors (not trained, not saved).
+
+    Trainable ones keep ``requires_grad`` so that a gradient reaching them (a connection around the layers) can be
+    detected; they are never stepped. Returns them.
+    """
+    demoted = []
     for pname, param in list(module._parameters.items()):
         if param is not None and id(param) not in needed:
             del module._parameters[pname]
-            object.__setattr__(module, pname, param.detach().requires_grad_(False))
+            tensor = param.detach().requires_grad_(param.requires_grad)
+            object.__setattr__(module, pname, tensor)
+            demoted.append(tensor)
+    return demoted
 
 
 def _modules_of_stage(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.Module]:

@@ -204,3 +204,39 @@ def test_frozen_first_stage_trains_the_rest(pp2: Path) -> None:
     ref = load_result(pp2, "ref-frozen", 0)
     for rank in range(2):
         assert_matches_reference(ref, load_result(pp2, "pp2-frozen", rank))
+
+
+PP4_MODELS = ["gpt", "hf_llama", "hf_bert"]
+
+
+def _pp4_jobs() -> list[dict[str, Any]]:
+    jobs = []
+    for model in PP4_MODELS:
+        kw = {**MODEL_KW, "layers": 5}  # 5 layers on 4 stages: [2, 1, 1, 1]
+        jobs.append({"name": f"ref-{model}", "model": model, "model_kwargs": kw})
+        for schedule in ("gpipe", "1f1b"):
+            jobs.append(
+                {
+                    "name": f"pp4-{model}-{schedule}",
+                    "model": model,
+                    "model_kwargs": kw,
+                    "devices": 4,
+                    "strategy": {"schedule": schedule, "microbatches": 4},
+                }
+            )
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def pp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_jobs_or_fail(tmp_path_factory, "pp4", _pp4_jobs())
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("model", PP4_MODELS)
+def test_pp4_middle_stages_match_one_process(pp4: Path, model: str, schedule: str) -> None:
+    ref = load_result(pp4, f"ref-{model}", 0)
+    stages = [load_result(pp4, f"pp4-{model}-{schedule}", r) for r in range(4)]
+    for got in stages:
+        assert_matches_reference(ref, got)
+    assert set().union(*(s["params"] for s in stages)) == set(ref["params"])

@@ -31,13 +31,22 @@ def _job(model: str, strategy: dict[str, Any] | None = None, **model_kwargs: Any
         (_job("twice"), r"layer net\.0 was called 2 times in one forward"),
         (_job("sequential", {"pipeline_parallel_size": 2, "balance": [4, 2]}), "sums to 6 but the model has 5 layers"),
         (_job("reentrant"), r"returned no tensor that carries a gradient.*use_reentrant=False"),
+        (_job("bypass"), r"output of 'wpe', a module of the first stage, reaches the loss without passing"),
         (_job("sequential", {"pipeline_parallel_size": 2, "layers": "loss_fn"}), "layers='loss_fn' is a"),
         (
             _job("sequential", {"pipeline_parallel_size": 3}),
             r"world size 2 \(devices × nodes\) is not divisible by pipeline_parallel_size\(3\)",
         ),
     ],
-    ids=["no-blocks", "block-called-twice", "bad-balance", "reentrant-checkpoint", "bad-layers", "bad-layout"],
+    ids=[
+        "no-blocks",
+        "block-called-twice",
+        "bad-balance",
+        "reentrant-checkpoint",
+        "connection-around-layers",
+        "bad-layers",
+        "bad-layout",
+    ],
 )
 def test_bad_input_fails_fast_with_the_fix(tmp_path: Path, job: dict[str, Any], message: str) -> None:
     start = time.monotonic()
