@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lightning_mp.errors import ModelSplitError
 
@@ -23,15 +23,12 @@ def optimal_balance(
     """Contiguous split of ``costs`` into ``num_stages`` non-empty stages minimizing the costliest stage.
 
     ``first_extra`` and ``last_extra`` are fixed costs of the first and last stage (the modules that run before and
-    after the layers). Exact dynamic programming over (stage, boundary), O(num_stages · len(costs)²); among optimal
-    splits it returns the one whose stages end earliest, which is deterministic on every rank.
+    after the layers).
 
     Example:
         >>> optimal_balance([1, 1, 1, 1, 4], 2)
         [4, 1]
     """
-    n = len(costs)
-    _check_enough_layers(n, num_stages)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
@@ -40,6 +37,19 @@ def optimal_balance(
         extra = (first_extra if stage == 0 else 0.0) + (last_extra if stage == num_stages - 1 else 0.0)
         return prefix[end] - prefix[start] + extra
 
+    return optimal_partition(len(costs), num_stages, stage_cost)
+
+
+def optimal_partition(num_layers: int, num_stages: int, stage_cost: Callable[[int, int, int], float]) -> list[int]:
+    """Layer counts minimizing ``max_s stage_cost(s, start_s, end_s)`` over contiguous, non-empty stages.
+
+    ``stage_cost(stage, start, end)`` is the cost of layers ``[start, end)`` on ``stage``; it may depend on the stage
+    (1F1B keeps more micro-batches in flight on early stages). Exact dynamic programming over (stage, boundary),
+    O(num_stages · num_layers²) cost evaluations; among optimal splits it returns the one whose stages end earliest,
+    which is deterministic on every rank.
+    """
+    n = num_layers
+    _check_enough_layers(n, num_stages)
     inf = float("inf")
     # best[s][j]: minimal max-stage-cost placing layers [0, j) on stages [0, s]; cut[s][j]: where stage s starts.
     best = [[inf] * (n + 1) for _ in range(num_stages)]

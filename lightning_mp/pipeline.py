@@ -7,7 +7,7 @@ and share them with every stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -16,20 +16,28 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mp.comm import P2P, broadcast_object
-from lightning_mp.discovery import discover_layers
+from lightning_mp.cost_model import PlanPrediction, StageCostModel
+from lightning_mp.discovery import ModelLayers, discover_layers
 from lightning_mp.errors import ModelSplitError
 from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
 from lightning_mp.microbatch import batch_size_of, concat_microbatches, split_batch
-from lightning_mp.partition import check_explicit_balance, optimal_balance, uniform_balance
+from lightning_mp.partition import check_explicit_balance, optimal_balance, optimal_partition, uniform_balance
+from lightning_mp.profiling import LayerCosts, profile_layers
 from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import RemoteLayer, StagePlan, StageRuntime, stage_parameters
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 
-BalanceSpec = Union[Literal["uniform", "params"], Sequence[int]]
+BalanceSpec = Union[Literal["uniform", "params", "time", "memory"], Sequence[int]]
 
 
 def build_plan(
-    root: nn.Module, num_stages: int, balance: BalanceSpec = "uniform", layers: str | None = None
+    root: nn.Module,
+    num_stages: int,
+    balance: BalanceSpec = "uniform",
+    layers: str | None = None,
+    measure: Callable[[ModelLayers], LayerCosts] | None = None,
+    schedule: str = "1f1b",
+    microbatches: int = 1,
 ) -> StagePlan:
     """Find the layers of ``root`` and assign them to ``num_stages`` stages.
 
@@ -37,8 +45,12 @@ def build_plan(
         root: the full model (a LightningModule).
         num_stages: pipeline_parallel_size.
         balance: "uniform" (equal layer counts), "params" (equal parameter counts, counting the modules before the
-            layers on the first stage and those after on the last), or a list of layer counts per stage.
+            layers on the first stage and those after on the last), "time" (equal measured forward+backward time),
+            "memory" (equal predicted peak memory under ``schedule``), or a list of layer counts per stage.
         layers: dotted name of the layer container; found automatically when None.
+        measure: returns the measured per-layer costs of one micro-batch (required by "time" and "memory"; with any
+            balance it adds a prediction of per-stage time and memory to the plan).
+        schedule, microbatches: the pipeline the plan is for (activations in flight, bubble).
 
     Raises:
         ModelSplitError: the model cannot be split this way; the message names the setting that fixes it.
@@ -49,6 +61,18 @@ def build_plan(
             " and test with the same Trainer, or build a fresh model (or load the saved checkpoint into one)."
         )
     found = discover_layers(root, layers)
+    model = None
+    if measure is not None:
+        layer_bytes = [_param_bytes(found.layer(i).parameters()) for i in range(found.num_layers)]
+        model = StageCostModel(
+            measure(found),
+            layer_bytes,
+            int(_direct_params(root, found.pre, bytes_=True)),
+            int(_direct_params(root, found.post, bytes_=True)),
+            num_stages,
+            schedule,
+            microbatches,
+        )
     if isinstance(balance, str):
         if balance == "uniform":
             counts = uniform_balance(found.num_layers, num_stages)
@@ -57,9 +81,14 @@ def build_plan(
             first = _direct_params(root, found.pre)
             last = _direct_params(root, found.post)
             counts = optimal_balance(costs, num_stages, first, last)
+        elif balance in ("time", "memory"):
+            if model is None:
+                raise ValueError(f"balance={balance!r} needs measured layer costs (measure=...).")
+            counts = optimal_partition(found.num_layers, num_stages, model.function(balance))
         else:
             raise ValueError(
-                f"balance={balance!r} is not supported: use 'uniform', 'params' or a list of layer counts."
+                f"balance={balance!r} is not supported: use 'uniform', 'params', 'time', 'memory' or a list of"
+                " layer counts."
             )
         method = balance
     else:
@@ -67,17 +96,44 @@ def build_plan(
         method = "explicit"
     plan = StagePlan(found, counts, method)
     plan.param_counts = [sum(p.numel() for p in stage_parameters(root, plan, s)) for s in range(num_stages)]
+    if model is not None:
+        plan.prediction = PlanPrediction.of(model, counts)
     return plan
 
 
-def _direct_params(root: nn.Module, names: list[str]) -> float:
+def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, backward: bool) -> Callable:
+    """A ``measure`` for :func:`build_plan`: the user's ``hook`` on the first micro-batch of ``batch``."""
+
+    def measure(found: ModelLayers) -> LayerCosts:
+        microbatch = split_batch(batch, microbatches)[0][0]
+        records = LogRecords()
+
+        def run_step() -> Tensor | None:
+            with capture_logs(module, records, 1.0):
+                output = getattr(module, hook)(microbatch, 0)
+            loss = _loss_value(output, detach=False)
+            return loss if backward else None
+
+        context = torch.enable_grad() if backward else torch.no_grad()
+        with context:
+            return profile_layers(module, found, run_step)
+
+    return measure
+
+
+def _param_bytes(params: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _direct_params(root: nn.Module, names: list[str], bytes_: bool = False) -> float:
+    """Parameters (or their bytes) held directly by the named modules, each counted once."""
     seen: set[int] = set()
     total = 0
     for name in names:
         for p in root.get_submodule(name).parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
-                total += p.numel()
+                total += p.numel() * (p.element_size() if bytes_ else 1)
     return float(total)
 
 
@@ -195,9 +251,8 @@ class PipelineRunner:
         return broadcast_object(obj, self.pp_ranks[-1], self.pp_group, self.device)
 
 
-def _loss_value(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output.detach()
-    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
-        return output["loss"].detach()
-    return None
+def _loss_value(output: Any, detach: bool = True) -> Tensor | None:
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, Tensor):
+        return None
+    return loss.detach() if detach else loss

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from lightning_mp.comm import Received, flatten, unflatten
 from lightning_mp.discovery import ModelLayers
 from lightning_mp.errors import ModelSplitError, PipelineError
+
+if TYPE_CHECKING:
+    from lightning_mp.cost_model import PlanPrediction
 
 PLACEHOLDER = "lightning_mp_placeholder"
 
@@ -48,6 +51,7 @@ class StagePlan:
     balance: list[int]
     balance_method: str = "uniform"
     param_counts: list[int] | None = None  # parameters each stage holds (tied weights on each stage using them)
+    prediction: PlanPrediction | None = None  # from measured layer costs, when they were measured
 
     @property
     def num_stages(self) -> int:
@@ -94,11 +98,22 @@ class StagePlan:
                 extra.append("before: " + ", ".join(row["before"]))
             if row["after"]:
                 extra.append("after: " + ", ".join(row["after"]))
-            counts = self.param_counts
+            counts, pred = self.param_counts, self.prediction
             params = f", {counts[row['stage']]:,} params" if counts else ""
+            if pred is not None:
+                params += (
+                    f", {1e3 * pred.stage_time[row['stage']]:.1f} ms/micro-batch,"
+                    f" {pred.stage_memory[row['stage']] / 2**20:.1f} MiB"
+                )
             lines.append(
                 f"  stage {row['stage']}: {row['layers']} ({row['num_layers']} layers{params})"
                 + (f"; {'; '.join(extra)}" if extra else "")
+            )
+        if self.prediction is not None:
+            pred = self.prediction
+            lines.append(
+                f"  predicted: {pred.step_time:.3f} s/step, bubble {100 * pred.bubble:.1f}%,"
+                f" imbalance {pred.imbalance:.2f} (slowest / mean stage)"
             )
         return "\n".join(lines)
 

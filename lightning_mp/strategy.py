@@ -39,16 +39,23 @@ from lightning_mp.checkpoint import (
     merge_optimizer_states,
     named_optimizer_state,
 )
+from lightning_mp.comm import broadcast_object
 from lightning_mp.errors import LayoutError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec
-from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan
+from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan, measure_step_costs
+from lightning_mp.profiling import LayerCosts
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
 
 log = logging.getLogger(__name__)
 
 SCHEDULE_CHOICES = ("gpipe", "1f1b", "none")
-BALANCE_CHOICES = ("uniform", "params")
+BALANCE_CHOICES = ("uniform", "params", "time", "memory")
+_EVAL_HOOKS = {
+    TrainerFn.VALIDATING: "validation_step",
+    TrainerFn.TESTING: "test_step",
+    TrainerFn.PREDICTING: "predict_step",
+}
 
 
 class ModelParallel(ParallelStrategy):
@@ -62,7 +69,9 @@ class ModelParallel(ParallelStrategy):
         microbatches: micro-batches per batch; "auto" = 2 × pipeline_parallel_size (fewer if the batch is smaller).
         schedule: "1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards,
             then all backwards), or "none" (the model is split but each batch flows through the stages whole).
-        balance: "uniform" layer counts, "params" (equal parameter counts), or a list of layer counts per stage.
+        balance: "uniform" layer counts, "params" (equal parameter counts), "time" (equal forward+backward time,
+            measured at set-up on one micro-batch of the data), "memory" (equal predicted peak memory: parameters,
+            gradients, Adam states, and the activations the schedule keeps in flight), or a list of layer counts.
         layers: dotted name of the container of blocks to split (e.g. "model.transformer.h"); found automatically
             when None: the ``nn.ModuleList`` of same-class blocks or ``nn.Sequential`` holding the most parameters.
         process_group_backend: "gloo" on CPU and "nccl" on GPU by default.
@@ -220,7 +229,7 @@ class ModelParallel(ParallelStrategy):
                 " set self.automatic_optimization = True (manual_backward cannot be split across stages)."
             )
         if self._runner is None:
-            self._split_model(module)
+            self._split_model(trainer, module)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -229,9 +238,17 @@ class ModelParallel(ParallelStrategy):
         self._patch_gradient_clipping()
         self.barrier()
 
-    def _split_model(self, module: Any) -> None:
+    def _split_model(self, trainer: Any, module: Any) -> None:
         layout = self.layout
-        self.plan = build_plan(module, layout.pp, self.balance, self.layers)
+        self.plan = build_plan(
+            module,
+            layout.pp,
+            self.balance,
+            self.layers,
+            self._measure(trainer, module),
+            self.schedule,
+            self.microbatches,
+        )
         runtime = StageRuntime(module, self.plan, self.stage)
         rank_zero_info(
             self.plan.format() + f"\n  layout: {layout}, schedule={self.schedule},"
@@ -248,6 +265,40 @@ class ModelParallel(ParallelStrategy):
             self.root_device,
         )
         self._setup_shared_parameters(module, runtime)
+
+    def _measure(self, trainer: Any, module: Any) -> Optional[Callable[[Any], LayerCosts]]:
+        """For balance="time"/"memory": global rank 0 measures one micro-batch of real data; every rank gets it."""
+        if self.balance not in ("time", "memory"):
+            return None
+        fitting = trainer.state.fn == TrainerFn.FITTING
+
+        def measure(found: Any) -> LayerCosts:
+            costs = None
+            if self.global_rank == 0:
+                batch = self._first_batch(trainer)
+                module.to(self.root_device)
+                hook = "training_step" if fitting else _EVAL_HOOKS[trainer.state.fn]
+                costs = measure_step_costs(module, hook, batch, self.microbatches, backward=fitting)(found).as_dict()
+            return LayerCosts(**broadcast_object(costs, 0, None, self.root_device))
+
+        return measure
+
+    def _first_batch(self, trainer: Any) -> Any:
+        loop = {
+            TrainerFn.FITTING: trainer.fit_loop,
+            TrainerFn.VALIDATING: trainer.validate_loop,
+            TrainerFn.TESTING: trainer.test_loop,
+            TrainerFn.PREDICTING: trainer.predict_loop,
+        }[trainer.state.fn]
+        try:
+            loader = loop._data_source.dataloader()
+            batch = next(iter(loader))
+        except Exception as err:
+            raise RuntimeError(
+                f"balance={self.balance!r} measures the model on one batch of its data at set-up and could not get"
+                f" one ({type(err).__name__}: {err}). Use balance='params' or a list of layer counts."
+            ) from err
+        return self.batch_to_device(batch, self.root_device)
 
     def _setup_shared_parameters(self, module: Any, runtime: StageRuntime) -> None:
         """Process groups for the weights used on several stages (tied embeddings), and who counts them in norms."""

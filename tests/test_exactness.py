@@ -66,6 +66,16 @@ def _pp2_jobs() -> list[dict[str, Any]]:
                 "strategy": {"microbatches": 2},
             }
         )
+    for model, balance in (("gpt", "time"), ("hf_llama", "memory"), ("hf_bert", "time")):
+        jobs.append(
+            {
+                "name": f"pp2-{model}-{balance}",
+                "model": model,
+                "model_kwargs": MODEL_KW,
+                "devices": 2,
+                "strategy": {"balance": balance, "microbatches": 3},
+            }
+        )
     jobs.append({"name": "ref-frozen", "model": "frozen", "model_kwargs": MODEL_KW})
     jobs.append({"name": "pp2-frozen", "model": "frozen", "model_kwargs": MODEL_KW, "devices": 2, "strategy": {}})
     for name, extra in (("ref-predict", {}), ("pp2-predict", {"devices": 2, "strategy": {"microbatches": 3}})):
@@ -240,3 +250,10 @@ def test_pp4_middle_stages_match_one_process(pp4: Path, model: str, schedule: st
     for got in stages:
         assert_matches_reference(ref, got)
     assert set().union(*(s["params"] for s in stages)) == set(ref["params"])
+
+
+@pytest.mark.parametrize(("model", "balance"), [("gpt", "time"), ("hf_llama", "memory"), ("hf_bert", "time")])
+def test_measured_balances_train_to_the_same_numbers(pp2: Path, model: str, balance: str) -> None:
+    ref = load_result(pp2, f"ref-{model}", 0)
+    for rank in range(2):
+        assert_matches_reference(ref, load_result(pp2, f"pp2-{model}-{balance}", rank))

@@ -31,7 +31,7 @@ def test_tensor_parallel_is_not_silently_ignored() -> None:
     [
         ({"schedule": "zero"}, "schedule='zero' is not supported"),
         ({"microbatches": 0}, "microbatches=0"),
-        ({"balance": "time"}, "balance='time' is not supported"),
+        ({"balance": "fastest"}, "balance='fastest' is not supported"),
         ({"start_method": "x"}, "start_method"),
     ],
 )

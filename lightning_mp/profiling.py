@@ -1,0 +1,166 @@
+"""Measuring what each layer costs on a real micro-batch: forward+backward time and the activations it keeps.
+
+The user's own step runs once on the whole model (after a warm-up run), with forward hooks on the layers and
+gradient hooks on their outputs, so nothing about the model changes: no module is wrapped, and in-place operations
+are unaffected. Layer ``i``'s backward time is the time between the gradient of its output and the gradient of its
+input arriving; the modules before the layers, and the head with the loss after them, are measured the same way.
+Random-number state, buffers (BatchNorm statistics) and gradients are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mp.comm import flatten
+from lightning_mp.discovery import ModelLayers
+
+
+@dataclass
+class LayerCosts:
+    """Per-layer costs of one micro-batch, plus those of the modules before (``pre``) and after (``post``) them."""
+
+    layer_time: list[float]
+    pre_time: float
+    post_time: float
+    layer_activation_bytes: list[int] = field(default_factory=list)
+    pre_activation_bytes: int = 0
+    post_activation_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layer_time": self.layer_time,
+            "pre_time": self.pre_time,
+            "post_time": self.post_time,
+            "layer_activation_bytes": self.layer_activation_bytes,
+            "pre_activation_bytes": self.pre_activation_bytes,
+            "post_activation_bytes": self.post_activation_bytes,
+        }
+
+
+class _Recorder:
+    def __init__(self, layers: ModelLayers, param_storages: set[int]) -> None:
+        n = layers.num_layers
+        self.n = n
+        self.f_start = [0.0] * n
+        self.f_end = [0.0] * n
+        self.out_grad = [0.0] * n  # the gradient of layer i's output arrived: its backward starts
+        self.in_grad = [None] * n  # the gradient of layer i's input arrived: its backward ended
+        self.current = -1  # -1: before the layers; n: after them
+        self.saved = [0] * (n + 2)  # bytes saved for backward: [pre, layer 0..n-1, post]
+        self.param_storages = param_storages
+
+    def pre_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.current = index
+            self.f_start[index] = time.perf_counter()
+            for t in flatten(args)[0]:
+                if t.requires_grad:
+                    t.register_hook(self._stamp(self.in_grad, index))
+                    break
+
+        return hook
+
+    def post_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self.f_end[index] = time.perf_counter()
+            self.current = self.n if index == self.n - 1 else index
+            for t in flatten(output)[0]:
+                if t.requires_grad:
+                    t.register_hook(self._stamp(self.out_grad, index))
+                    break
+
+        return hook
+
+    def _stamp(self, target: list, index: int) -> Callable:
+        def hook(grad: Tensor) -> None:
+            target[index] = time.perf_counter()
+
+        return hook
+
+    def pack(self, t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() not in self.param_storages:
+            self.saved[self.current + 1] += t.numel() * t.element_size()
+        return t
+
+
+def profile_layers(
+    module: nn.Module, layers: ModelLayers, run_step: Callable[[], Tensor | None], repeats: int = 3
+) -> LayerCosts:
+    """Time each layer's forward+backward (median of ``repeats`` runs after two warm-ups) and count activations.
+
+    ``run_step`` runs the user's step on one micro-batch and returns the loss (None: forward only).
+    """
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    grads = {p: p.grad for p in module.parameters()}
+    param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    runs = []
+    try:
+        for attempt in range(repeats + 2):  # two warm-up runs: allocator and kernels settle
+            for p in grads:
+                p.grad = None
+            rec = _Recorder(layers, param_storages)
+            runs.append(_one_run(layers, run_step, rec) if attempt >= 2 else None)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                b.copy_(buffers[n])
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    runs = [r for r in runs if r is not None]
+    median = lambda values: statistics.median(values)  # noqa: E731
+    n = layers.num_layers
+    return LayerCosts(
+        layer_time=[median([r[0][i] for r in runs]) for i in range(n)],
+        pre_time=median([r[1] for r in runs]),
+        post_time=median([r[2] for r in runs]),
+        layer_activation_bytes=runs[-1][3][1 : n + 1],
+        pre_activation_bytes=runs[-1][3][0],
+        post_activation_bytes=runs[-1][3][n + 1],
+    )
+
+
+def _one_run(layers: ModelLayers, run_step: Callable[[], Tensor | None], rec: _Recorder) -> tuple:
+    handles = []
+    for i in range(layers.num_layers):
+        handles.append(layers.layer(i).register_forward_pre_hook(rec.pre_hook(i)))
+        handles.append(layers.layer(i).register_forward_hook(rec.post_hook(i)))
+    try:
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+            loss = run_step()
+        forward_end = time.perf_counter()
+        if loss is not None and loss.requires_grad:
+            loss.backward()
+        end = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+    n = rec.n
+    backward = loss is not None and loss.requires_grad
+    times = []
+    for i in range(n):
+        forward = rec.f_end[i] - rec.f_start[i]
+        if not backward:
+            times.append(forward)
+            continue
+        grad_in = rec.in_grad[i] if rec.in_grad[i] is not None else (rec.out_grad[i - 1] if i else end)
+        times.append(forward + max(0.0, grad_in - rec.out_grad[i]))
+    pre = rec.f_start[0] - start
+    post = forward_end - rec.f_end[n - 1]
+    if backward:
+        first_in = rec.in_grad[0]
+        pre += max(0.0, end - first_in) if first_in is not None else 0.0
+        post += max(0.0, rec.out_grad[n - 1] - forward_end)
+    return times, pre, post, rec.saved

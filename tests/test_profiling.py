@@ -1,0 +1,82 @@
+"""Measured layer costs and the time/memory balances built on them (one process, no distribution)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_mp.cost_model import PlanPrediction, StageCostModel, in_flight
+from lightning_mp.pipeline import build_plan, measure_step_costs
+from lightning_mp.profiling import LayerCosts
+
+
+class HeavyHead(L.LightningModule):
+    """Eight cheap layers and an LM-like head that costs more than all of them together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32)) for _ in range(8)])
+        self.head = nn.Linear(32, 8192)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.head(self.layers(x)), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 32, generator=g), torch.randint(0, 8192, (64,), generator=g)
+
+
+def test_time_balance_moves_layers_off_a_heavy_last_stage() -> None:
+    torch.set_num_threads(1)
+    model = HeavyHead()
+    plan = build_plan(model, 2, "time", measure=measure_step_costs(model, "training_step", _batch(), 2, True))
+    assert plan.balance[0] > plan.balance[1]
+    assert plan.prediction is not None and plan.prediction.stage_time[1] > 0
+    assert "predicted:" in plan.format() and "ms/micro-batch" in plan.format()
+
+
+def test_profiling_leaves_the_model_as_it_was() -> None:
+    model = HeavyHead()
+    rng = torch.get_rng_state()
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    measure_step_costs(model, "training_step", _batch(), 2, True)(build_plan(model, 2).layers)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))
+
+
+def test_activation_bytes_are_counted_per_layer() -> None:
+    model = HeavyHead()
+    costs = measure_step_costs(model, "training_step", _batch(), 1, True)(build_plan(model, 2).layers)
+    assert len(costs.layer_activation_bytes) == 8
+    assert all(b > 0 for b in costs.layer_activation_bytes)
+    assert costs.post_activation_bytes > costs.layer_activation_bytes[0]  # the head's logits
+
+
+def _model(schedule: str) -> StageCostModel:
+    costs = LayerCosts([1.0] * 4, 0.5, 2.0, [100] * 4, 10, 400)
+    return StageCostModel(costs, [1000] * 4, 5000, 0, 2, schedule, 8)
+
+
+def test_cost_model_accounts_for_the_schedule() -> None:
+    assert [in_flight("1f1b", s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert in_flight("gpipe", 3, 4, 8) == 8 and in_flight("none", 0, 4, 8) == 1
+    assert _model("gpipe").memory(0, 0, 2) > _model("1f1b").memory(0, 0, 2)
+    assert _model("1f1b").time(1, 2, 4) == pytest.approx(4.0)
+
+
+def test_prediction_bubble_and_imbalance() -> None:
+    pred = PlanPrediction.of(_model("1f1b"), [2, 2])
+    assert pred.stage_time == pytest.approx([2.5, 4.0])
+    assert pred.step_time == pytest.approx(6.5 + 7 * 4.0)
+    assert pred.imbalance == pytest.approx(4.0 / 3.25)
+    assert 0 < pred.bubble < 1
