@@ -110,6 +110,25 @@ def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, device
     return obj if is_src else pickle.loads(decode_frames(frames[0], frames[1] if overflow else None))
 
 
+def all_gather_objects(obj: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any]:
+    """Every rank's ``obj`` on every rank of ``group``, in group-rank order: one collective for small objects."""
+    world = dist.get_world_size(group)
+    frames = encode_frames(pickle.dumps(obj), device)
+    firsts = [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(firsts, frames[0], group=group)
+    overflows = [frame_overflow(f) for f in firsts]
+    rests: list[Tensor | None] = [None] * world
+    if any(overflows):
+        longest = max(overflows)
+        mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+        if len(frames) > 1:
+            mine[: frames[1].numel()] = frames[1]
+        padded = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+        dist.all_gather(padded, mine, group=group)
+        rests = [p[:n] if n else None for p, n in zip(padded, overflows)]
+    return [pickle.loads(decode_frames(f, r)) for f, r in zip(firsts, rests)]
+
+
 # ---- messages ---------------------------------------------------------------------------------------------------
 
 

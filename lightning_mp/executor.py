@@ -23,6 +23,7 @@ class StepStats:
     busy: float = 0.0  # forward and backward compute
     wait: float = 0.0  # blocked on receives
     wall: float = 0.0
+    layer_forward: list[float] = field(default_factory=list)  # forward seconds of each own layer
 
 
 @dataclass
@@ -77,6 +78,7 @@ class PipelineExecutor:
             self.runtime.check_no_bypass()
         finally:
             stats.wall = time.perf_counter() - start
+            stats.layer_forward = self.runtime.take_layer_forward_times()
         return result
 
     def _forward(self, index: int, run_microbatch: Callable[[int], Any], result: StepResult) -> _InFlight:

@@ -7,6 +7,7 @@ and share them with every stage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
 
@@ -15,17 +16,22 @@ import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_mp.comm import P2P, broadcast_object
+from lightning_mp.comm import P2P, all_gather_objects, broadcast_object
 from lightning_mp.cost_model import PlanPrediction, StageCostModel
 from lightning_mp.discovery import ModelLayers, discover_layers
 from lightning_mp.errors import ModelSplitError
 from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
 from lightning_mp.microbatch import batch_size_of, concat_microbatches, split_batch
+from lightning_mp.monitor import StageMonitor
 from lightning_mp.partition import check_explicit_balance, optimal_balance, optimal_partition, uniform_balance
 from lightning_mp.profiling import LayerCosts, profile_layers
 from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import RemoteLayer, StagePlan, StageRuntime, stage_parameters
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
+
+log = logging.getLogger("lightning_mp")
+
+ADVICE_AFTER_STEPS = 10  # measured steps before the monitor judges the balance
 
 BalanceSpec = Union[Literal["uniform", "params", "time", "memory"], Sequence[int]]
 
@@ -147,6 +153,7 @@ class PipelineRunner:
         pp_group: that group (for sharing the last stage's loss and logs).
         schedule: "gpipe", "1f1b" or "none".
         microbatches: micro-batches per step (fewer when the batch has fewer samples).
+        monitor: log per-stage utilization and the bubble each step, and advise a better split when imbalanced.
     """
 
     def __init__(
@@ -158,6 +165,7 @@ class PipelineRunner:
         schedule: str,
         microbatches: int,
         device: torch.device,
+        monitor: bool = True,
     ) -> None:
         self.module = module
         self.runtime = runtime
@@ -174,6 +182,8 @@ class PipelineRunner:
             next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
         )
         self.history: list[StepStats] = []
+        self.monitor = StageMonitor(list(runtime.plan.balance)) if monitor else None
+        self._advised = False
 
     def train_step(self, hook: str, batch: Any, rest: tuple, loss_scale: float) -> Tensor:
         """Forward and backward of every micro-batch of ``batch``; returns the batch's loss on every stage.
@@ -187,7 +197,7 @@ class PipelineRunner:
             losses = [_loss_value(o) for o in result.outputs]
             if all(v is not None for v in losses):
                 loss = sum(w * v for w, v in zip(weights, losses))  # type: ignore[misc]
-        loss = self._share(records, loss, total)
+        loss = self._share(records, loss, total, result.stats)
         self.history.append(result.stats)
         return loss
 
@@ -237,12 +247,44 @@ class PipelineRunner:
 
         return run
 
-    def _share(self, records: LogRecords, loss: Tensor | None, batch_size: int) -> Tensor | None:
-        """Send the last stage's loss and logged values to every stage, and log them there."""
+    def _share(
+        self, records: LogRecords, loss: Tensor | None, batch_size: int, stats: StepStats | None = None
+    ) -> Tensor | None:
+        """Send the last stage's loss and logged values to every stage, and log them there.
+
+        In training (``stats`` given) every stage's step statistics travel in the same collective and feed the
+        monitor: per-stage utilization and bubble metrics, and balance advice.
+        """
         payload = (loss.detach() if loss is not None else None, records.combined()) if self.runtime.is_last else None
-        shared_loss, combined = self._from_last_stage(payload)
+        if stats is None or self.monitor is None:
+            shared_loss, combined = self._from_last_stage(payload)
+        else:
+            everyone = [(payload, stats)]
+            if len(self.pp_ranks) > 1:
+                everyone = all_gather_objects((payload, stats), self.pp_group, self.device)
+            shared_loss, combined = everyone[-1][0]
+            metrics = self.monitor.update([s for _, s in everyone])
+            for name, value in metrics.items():
+                self.module.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
+            self._advise()
         replay_logs(self.module, combined, batch_size)
         return shared_loss
+
+    def _advise(self) -> None:
+        """Once, after enough steps: say so when the stages are imbalanced, with the split that fixes it."""
+        monitor = self.monitor
+        if monitor is None or self._advised or monitor.steps < monitor.warmup + ADVICE_AFTER_STEPS:
+            return
+        self._advised = True
+        better = monitor.suggestion()
+        if better is not None and dist.get_rank() == 0:
+            log.warning(
+                f"lightning-mp: the pipeline stages are imbalanced: the busiest stage computes {monitor.imbalance:.2f}"
+                f"× the mean (per-stage busy seconds over {monitor.steps - monitor.warmup} steps:"
+                f" {[round(b, 3) for b in monitor.busy_sum]}). A better split is balance={better}: pass"
+                f" ModelParallel(balance={better}), or strategy.balance=[{','.join(map(str, better))}] on a Hydra"
+                " command line."
+            )
 
     def _from_last_stage(self, obj: Any) -> Any:
         """The last stage's ``obj`` on every stage of the pipeline."""

@@ -16,6 +16,7 @@ The user's own code keeps running on every stage. On stage ``s``, whose layers a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,8 @@ class StageRuntime:
         # around the layers, which a split at the layers cannot carry (see check_no_bypass).
         self._watched: list[tuple[str, Tensor]] = []
         self._step_watched: list[tuple[str, Tensor]] = []
+        self.layer_forward_s = [0.0] * len(self.own_layers)  # per own layer, since take_layer_forward_times
+        self._timing: tuple[int, float] | None = None
         self.shared_params = _shared_parameters(root, plan)
         self._install(root)
         if not any(p.requires_grad for p in root.parameters()):
@@ -198,6 +201,7 @@ class StageRuntime:
     def abort_forward(self) -> None:
         """Disarm after the user's step raised."""
         self._state = _ForwardState()
+        self._timing = None
 
     def _trace_problem(self, calls: list[int], last_needed: int) -> str:
         names = self.plan.layers.layer_names
@@ -226,12 +230,28 @@ class StageRuntime:
     def _make_trace_hook(self, index: int):
         def hook(module: nn.Module, args: Any) -> None:
             self._record_call(index)
+            if self._state.active:
+                self._time_layer(index)
 
         return hook
+
+    def _time_layer(self, starting: int | None) -> None:
+        """Close the running own layer's forward timing; start timing ``starting`` (None: the last one ended)."""
+        now = time.perf_counter()
+        running = self._timing
+        if running is not None:
+            self.layer_forward_s[running[0] - self.own_layers.start] += now - running[1]
+        self._timing = (starting, now) if starting is not None else None
+
+    def take_layer_forward_times(self) -> list[float]:
+        """Seconds of forward each own layer spent since the last call (then reset)."""
+        times, self.layer_forward_s = self.layer_forward_s, [0.0] * len(self.own_layers)
+        return times
 
     def _capture(self, output: Any) -> Any:
         state = self._state
         if state.active and state.captured is None:
+            self._time_layer(None)
             state.captured = output
             if not self.is_last:
                 if state.grad_enabled and self._trains_own_layers() and not _carries_grad(output):

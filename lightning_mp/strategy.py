@@ -77,6 +77,8 @@ class ModelParallel(ParallelStrategy):
         process_group_backend: "gloo" on CPU and "nccl" on GPU by default.
         timeout: for collectives and point-to-point receives.
         start_method: "popen" (re-run the script per rank, like DDP), "spawn" or "fork".
+        pipeline_metrics: log each stage's busy time, waiting time and utilization and the bubble every training
+            step (``pipeline/...``), and warn with a better ``balance`` when the stages are measurably imbalanced.
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -101,6 +103,7 @@ class ModelParallel(ParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork"] = "popen",
+        pipeline_metrics: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -120,6 +123,7 @@ class ModelParallel(ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._start_method = start_method
+        self.pipeline_metrics = pipeline_metrics
         self.num_nodes = 1
         self._layout: Optional[ParallelLayout] = None
         self._mesh: Any = None
@@ -263,6 +267,7 @@ class ModelParallel(ParallelStrategy):
             self.schedule,
             self.microbatches,
             self.root_device,
+            monitor=self.pipeline_metrics,
         )
         self._setup_shared_parameters(module, runtime)
 
