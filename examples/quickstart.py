@@ -5,23 +5,26 @@ At the end it prints steps/s, each stage's busy time and the stage plan.
 
     python examples/quickstart.py                                     # 2 processes, pp=2, 1F1B
     python examples/quickstart.py strategy.schedule=gpipe strategy.microbatches=8 trainer.max_steps=100
+    python examples/quickstart.py dry_run=true strategy.balance=time   # the stage plan only, also as plan.json
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning_mp  # noqa: F401  (registers "model_parallel")
+import lightning_mp  # registers "model_parallel"
 from examples.gpt import GPT, GPTConfig
 from examples.text_data import ByteWindows, python_docs_text
 from lightning_mp.callbacks import PipelineSummary
@@ -37,6 +40,17 @@ def main(cfg: DictConfig) -> None:
     val = Subset(data, range(held_out))
     m = cfg.model
     model = GPT(GPTConfig(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, block_size=m.block_size), lr=m.lr)
+    if cfg.dry_run:  # the plan only: no processes, no training
+        strategy_args = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k != "_target_"}
+        for unused in ("start_method", "pipeline_metrics"):
+            strategy_args.pop(unused, None)
+        batch = next(iter(DataLoader(train, batch_size=cfg.data.batch_size)))
+        plan, report = lightning_mp.dry_run(model, batch, devices=cfg.trainer.devices, **strategy_args)
+        print(plan.format())
+        out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
+        out.write_text(json.dumps(report, indent=2))
+        print(f"plan written to {out}")
+        return
     trainer = L.Trainer(strategy=instantiate(cfg.strategy), callbacks=[PipelineSummary()], **cfg.trainer)
     trainer.fit(
         model,

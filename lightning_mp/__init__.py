@@ -9,13 +9,22 @@
     trainer = L.Trainer(strategy=lightning_mp.ModelParallel(pipeline_parallel_size=2, schedule="1f1b"), devices=2)
 """
 
+from lightning_mp.dry_run import dry_run
 from lightning_mp.errors import LayoutError, ModelSplitError, PipelineError
 from lightning_mp.layout import ParallelLayout
 from lightning_mp.pipeline import build_plan
 from lightning_mp.registry import register
 from lightning_mp.strategy import ModelParallel
 
-__all__ = ["LayoutError", "ModelParallel", "ModelSplitError", "ParallelLayout", "PipelineError", "build_plan"]
+__all__ = [
+    "LayoutError",
+    "ModelParallel",
+    "ModelSplitError",
+    "ParallelLayout",
+    "PipelineError",
+    "build_plan",
+    "dry_run",
+]
 __version__ = "0.1.0"
 
 register()

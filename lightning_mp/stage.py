@@ -87,6 +87,34 @@ class StagePlan:
             )
         return rows
 
+    def to_dict(self, ranks: list[list[int]] | None = None) -> dict[str, Any]:
+        """The plan as JSON-ready data; ``ranks[s]`` are the global ranks that run stage ``s``."""
+        stages = self.describe()
+        for row in stages:
+            s = row["stage"]
+            row["layer_names"] = [self.layers.layer_names[i] for i in self.layer_range(s)]
+            if ranks is not None:
+                row["ranks"] = ranks[s]
+            if self.param_counts:
+                row["params"] = self.param_counts[s]
+            if self.prediction is not None:
+                row["predicted_time_s"] = self.prediction.stage_time[s]
+                row["predicted_memory_bytes"] = self.prediction.stage_memory[s]
+        out: dict[str, Any] = {
+            "container": self.layers.container_name,
+            "num_layers": self.layers.num_layers,
+            "balance": self.balance,
+            "balance_method": self.balance_method,
+            "stages": stages,
+        }
+        if self.prediction is not None:
+            out.update(
+                predicted_step_time_s=self.prediction.step_time,
+                predicted_bubble=self.prediction.bubble,
+                imbalance=self.prediction.imbalance,
+            )
+        return out
+
     def format(self) -> str:
         """A human-readable table of the plan."""
         lines = [

@@ -80,3 +80,15 @@ def test_prediction_bubble_and_imbalance() -> None:
     assert pred.step_time == pytest.approx(6.5 + 7 * 4.0)
     assert pred.imbalance == pytest.approx(4.0 / 3.25)
     assert 0 < pred.bubble < 1
+
+
+def test_dry_run_reports_ranks_and_leaves_the_model_whole() -> None:
+    import lightning_mp
+    from lightning_mp.stage import RemoteLayer
+
+    model = HeavyHead()
+    plan, report = lightning_mp.dry_run(model, _batch(), devices=4, pipeline_parallel_size=4, balance="time")
+    assert [s["ranks"] for s in report["stages"]] == [[0], [1], [2], [3]]
+    assert report["balance"] == plan.balance and len(plan.balance) == 4
+    assert 0 <= report["predicted_bubble"] < 1 and report["imbalance"] >= 1
+    assert not any(isinstance(m, RemoteLayer) for m in model.modules())

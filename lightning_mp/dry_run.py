@@ -1,0 +1,54 @@
+"""The stage plan without training: what ``ModelParallel`` would do with a model, a batch and a configuration.
+
+    >>> plan = lightning_mp.dry_run(model, batch, pipeline_parallel_size=2, balance="time", microbatches=8)
+    >>> print(plan.format()); json.dump(plan.to_dict(), f)
+
+It runs in one process: it measures the layers on one micro-batch of ``batch`` (when one is given) and prints, per
+stage, its ranks, layers, parameters, predicted time and memory, and the predicted step time, bubble and imbalance.
+The model is left as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_mp.layout import ParallelLayout, SizeSpec
+from lightning_mp.pipeline import BalanceSpec, build_plan, measure_step_costs
+from lightning_mp.stage import StagePlan
+
+
+def dry_run(
+    model: nn.Module,
+    batch: Any = None,
+    *,
+    devices: int | None = None,
+    pipeline_parallel_size: SizeSpec = "auto",
+    data_parallel_size: SizeSpec = "auto",
+    tensor_parallel_size: int = 1,
+    microbatches: int | str = "auto",
+    schedule: str = "1f1b",
+    balance: BalanceSpec = "uniform",
+    layers: str | None = None,
+    hook: str = "training_step",
+) -> tuple[StagePlan, dict[str, Any]]:
+    """Plan ``model`` as :class:`~lightning_mp.ModelParallel` would, without processes; returns (plan, JSON dict).
+
+    Args:
+        model: the LightningModule (or any module whose ``hook`` takes ``(batch, batch_idx)``).
+        batch: one batch of real data; needed for balance "time"/"memory", and gives predictions for any balance.
+        devices: the world size (devices × nodes); defaults to pipeline_parallel_size when that is an int.
+        Other arguments: as for :class:`~lightning_mp.ModelParallel`.
+    """
+    world = (
+        devices if devices is not None else (pipeline_parallel_size if isinstance(pipeline_parallel_size, int) else 1)
+    )
+    layout = ParallelLayout.resolve(world, data_parallel_size, pipeline_parallel_size, tensor_parallel_size)
+    m = 2 * layout.pp if microbatches == "auto" else int(microbatches)
+    measure = measure_step_costs(model, hook, batch, m, backward=hook == "training_step") if batch is not None else None
+    plan = build_plan(model, layout.pp, balance, layers, measure, schedule, m)
+    ranks = [[layout.rank_of(d, s, t) for d in range(layout.dp) for t in range(layout.tp)] for s in range(layout.pp)]
+    report = plan.to_dict(ranks)
+    report.update(layout={"dp": layout.dp, "pp": layout.pp, "tp": layout.tp}, schedule=schedule, microbatches=m)
+    return plan, report
