@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.common import fit_and_time, run_worker, write_result  # noqa: E402
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,55 +65,18 @@ def _data(a: argparse.Namespace) -> torch.Tensor:
 
 
 def _lightning_worker(a: argparse.Namespace) -> None:
-    import lightning as L
     from torch.utils.data import DataLoader
 
     import lightning_mp
 
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self._t0)
-
-    from lightning_mp.callbacks import PipelineSummary
-
-    timer = StepTimer()
-    summary = PipelineSummary()
     if a.worker == "single":
-        strategy: Any = "auto"
-        devices = 1
+        strategy, devices = "auto", 1
     else:
         strategy = lightning_mp.ModelParallel(
             pipeline_parallel_size=2, schedule=a.schedule, microbatches=a.microbatches
         )
         devices = 2
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=a.steps + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, summary],
-    )
-    trainer.fit(_model(a), DataLoader(_data(a), batch_size=a.batch))
-    if trainer.global_rank == 0:
-        stages = (
-            {
-                r["stage"]: {"busy_s": round(r["busy_s"], 3), "wait_s": round(r["wait_s"], 3)}
-                for r in summary.summary.get("ranks", [])
-            }
-            if a.worker == "lmp"
-            else None
-        )
-        Path(a.out).write_text(json.dumps({"step_s": statistics.median(timer.times[1:]), "stages": stages}))
+    write_result(a.out, fit_and_time(_model(a), DataLoader(_data(a), batch_size=a.batch), a.steps, strategy, devices))
 
 
 def _torch_worker(a: argparse.Namespace) -> None:
@@ -172,7 +134,7 @@ def _torch_worker(a: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
     dist.barrier()
     if rank == 0:
-        Path(a.out).write_text(json.dumps({"step_s": statistics.median(times[1:])}))
+        write_result(a.out, {"step_s": statistics.median(times[1:])})
     dist.destroy_process_group()
 
 
@@ -180,55 +142,10 @@ def _torch_worker(a: argparse.Namespace) -> None:
 
 
 def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        argv = [
-            sys.executable,
-            __file__,
-            "--worker",
-            worker,
-            "--schedule",
-            schedule,
-            "--out",
-            str(out),
-            "--layers",
-            str(a.layers),
-            "--d",
-            str(a.d),
-            "--heads",
-            str(a.heads),
-            "--seq",
-            str(a.seq),
-            "--batch",
-            str(a.batch),
-            "--microbatches",
-            str(a.microbatches),
-            "--steps",
-            str(a.steps),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        env.pop("LOCAL_RANK", None)
-        if worker == "torch":
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE="2")
-            procs = [
-                subprocess.Popen(
-                    argv,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                    cwd=ROOT,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for r in range(2)
-            ]
-            errors = [p.communicate()[1] for p in procs]
-            codes = [p.returncode for p in procs]
-        else:
-            proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
-            codes, errors = [proc.returncode], [proc.stderr]
-        if any(codes):
-            raise RuntimeError(f"{worker} {schedule} failed:\n" + "\n".join(e[-3000:] for e in errors))
-        return json.loads(out.read_text())
+    args = ["--worker", worker, "--schedule", schedule]
+    for name in ("layers", "d", "heads", "seq", "batch", "microbatches", "steps"):
+        args += [f"--{name}", str(getattr(a, name))]
+    return run_worker(__file__, args, ranks=2 if worker == "torch" else 1)
 
 
 def main() -> None:

@@ -1,0 +1,104 @@
+"""What the benchmarks share: timing a Lightning fit, and running a worker process that reports one JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training step (batch start to batch end, optimizer step included)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def fit_and_time(model: L.LightningModule, loader: DataLoader, steps: int, strategy: Any, devices: int) -> dict | None:
+    """Train ``steps`` + 1 steps; on global rank 0 return the median step time after the first, and per-stage
+    busy/wait seconds when the strategy pipelines (None on other ranks)."""
+    from lightning_mp.callbacks import PipelineSummary
+
+    timer, summary = StepTimer(), PipelineSummary()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, summary],
+    )
+    trainer.fit(model, loader)
+    if trainer.global_rank != 0:
+        return None
+    stages = (
+        {
+            r["stage"]: {"busy_s": round(r["busy_s"], 3), "wait_s": round(r["wait_s"], 3)}
+            for r in summary.summary.get("ranks", [])
+        }
+        if devices > 1
+        else None
+    )
+    plan = getattr(trainer.strategy, "plan", None)
+    return {
+        "step_s": statistics.median(timer.times[1:]),
+        "stages": stages,
+        "balance": plan.balance if plan is not None else None,
+    }
+
+
+def run_worker(script: str, args: list[str], ranks: int = 1) -> dict:
+    """Run ``python script --out FILE ARGS`` (``ranks`` copies with torch.distributed variables when > 1, for
+    workers that start their own process group) and return the JSON the worker wrote to FILE."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        argv = [sys.executable, script, "--out", str(out), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env.pop("LOCAL_RANK", None)
+        if ranks > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE=str(ranks))
+            procs = [
+                subprocess.Popen(
+                    argv,
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for r in range(ranks)
+            ]
+            errors = [p.communicate()[1] for p in procs]
+            codes = [p.returncode for p in procs]
+        else:
+            proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+            codes, errors = [proc.returncode], [proc.stderr]
+        if any(codes):
+            raise RuntimeError(f"{' '.join(args)} failed:\n" + "\n".join(e[-3000:] for e in errors))
+        return json.loads(out.read_text())
+
+
+def write_result(path: str, result: dict | None) -> None:
+    """Worker side of :func:`run_worker` (rank 0 writes)."""
+    if result is not None:
+        Path(path).write_text(json.dumps(result))
