@@ -9,7 +9,7 @@ ranks with 1 thread each, gloo on CPU; one JSON line per configuration, then a s
 - summary: ``time_vs_best`` = best split's step time / time's (target ≥ 0.95), ``time_vs_uniform`` = uniform's
   step time / time's (the speed-up the measured balance buys).
 
-Usage: ``python benchmarks/balance.py [--layers 8 --vocab 32000 --d 256 --seq 64 --batch 16 --microbatches 4]``.
+Usage: ``python benchmarks/balance.py [--layers 8 --vocab 32000 --d 512 --seq 64 --batch 16 --microbatches 4]``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4, help="timed steps, after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     p.add_argument("--balance", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args()
