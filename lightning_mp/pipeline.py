@@ -270,6 +270,11 @@ class PipelineRunner:
         replay_logs(self.module, combined, batch_size)
         return shared_loss
 
+    def reset_monitor(self) -> None:
+        """Start measuring afresh (after the split changed)."""
+        if self.monitor is not None:
+            self.monitor = StageMonitor(list(self.runtime.plan.balance))
+
     def _advise(self) -> None:
         """Once, after enough steps: say so when the stages are imbalanced, with the split that fixes it."""
         monitor = self.monitor

@@ -16,6 +16,7 @@ The user's own code keeps running on every stage. On stage ``s``, whose layers a
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,7 +161,9 @@ class _ForwardState:
 class StageRuntime:
     """Applies a :class:`StagePlan` to the model of one rank and drives its stand-ins and hooks during a forward."""
 
-    def __init__(self, root: nn.Module, plan: StagePlan, stage: int) -> None:
+    def __init__(self, root: nn.Module, plan: StagePlan, stage: int, movable: bool = False) -> None:
+        """``movable``: keep a parameter-less (meta-device) skeleton of every other stage's layer, so that layers
+        can move between stages later (:meth:`release_layer`, :meth:`adopt_layer`)."""
         self.plan = plan
         self.stage = stage
         self.is_first = stage == 0
@@ -174,6 +177,9 @@ class StageRuntime:
         self._step_watched: list[tuple[str, Tensor]] = []
         self.layer_forward_s = [0.0] * len(self.own_layers)  # per own layer, since take_layer_forward_times
         self._timing: tuple[int, float] | None = None
+        self._trace_handles: dict[int, Any] = {}
+        self._skeletons: dict[int, nn.Module] = {}
+        self.movable = movable
         self.shared_params = _shared_parameters(root, plan)
         self._install(root)
         if not any(p.requires_grad for p in root.parameters()):
@@ -187,12 +193,14 @@ class StageRuntime:
         needed = {id(p) for p in stage_parameters(root, self.plan, self.stage)}
         for i in range(layers.num_layers):
             if i in self.own_layers:
-                block = layers.layer(i)
-                self._hooks.append(block.register_forward_pre_hook(self._make_trace_hook(i)))
+                self._trace(i)
                 if i == self.own_layers.stop - 1:
-                    _call_then(block, self._capture)
+                    _call_then(layers.layer(i), self._capture)
             else:
-                layers.container[i] = RemoteLayer(i, self, layers.layer(i))  # type: ignore[index]
+                original = layers.layer(i)
+                if self.movable:
+                    self._skeletons[i] = copy.deepcopy(original).to("meta")
+                layers.container[i] = RemoteLayer(i, self, original)  # type: ignore[index]
         for name in layers.pre + layers.post:
             try:
                 module = root.get_submodule(name) if name else root
@@ -207,6 +215,38 @@ class StageRuntime:
             else:
                 self._watched += [(name, t) for t in _demote_parameters(module, needed) if t.requires_grad]
                 self._hooks.append(module.register_forward_pre_hook(self._make_order_guard(name)))
+
+    def _trace(self, index: int) -> None:
+        self._trace_handles[index] = self.plan.layers.layer(index).register_forward_pre_hook(
+            self._make_trace_hook(index)
+        )
+
+    # ---- moving layers between stages (see rebalance.py) ---------------------------------------------------------
+    def release_layer(self, index: int) -> None:
+        """Hand layer ``index`` to another stage: a stand-in takes its place, its storage is freed."""
+        block = self.plan.layers.layer(index)
+        self._trace_handles.pop(index).remove()
+        _undo_call_then(block)
+        self._skeletons[index] = block.to("meta")
+        self.plan.layers.container[index] = RemoteLayer(index, self, block)  # type: ignore[index]
+
+    def adopt_layer(self, index: int, state: dict[str, Tensor], device: torch.device) -> nn.Module:
+        """Take layer ``index`` from another stage, with its parameters and buffers ``state``."""
+        block = self._skeletons.pop(index).to_empty(device=device)
+        block.load_state_dict(state)
+        self.plan.layers.container[index] = block  # type: ignore[index]
+        self._trace(index)
+        return block
+
+    def set_balance(self, balance: list[int]) -> None:
+        """After layers moved: the new split (the capture moves to the new last own layer)."""
+        old_last = self.plan.layers.layer(self.own_layers.stop - 1)
+        _undo_call_then(old_last)
+        self.plan.balance = list(balance)
+        self.plan.param_counts = self.plan.prediction = None  # predictions were for the old split
+        self.own_layers = self.plan.layer_range(self.stage)
+        self.layer_forward_s = [0.0] * len(self.own_layers)
+        _call_then(self.plan.layers.layer(self.own_layers.stop - 1), self._capture)
 
     # ---- one forward --------------------------------------------------------------------------------------------
     def begin_forward(self, received: Received | None) -> None:
@@ -452,6 +492,13 @@ def _call_then(module: nn.Module, after: Callable[[Any], Any]) -> None:
     module.__class__ = type(
         cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
     )
+
+
+def _undo_call_then(module: nn.Module) -> None:
+    """Undo :func:`_call_then` (no-op when the module was not wrapped)."""
+    cls = type(module)
+    if "__call__" in vars(cls) and getattr(cls.__call__, "__qualname__", "").startswith("_call_then."):
+        module.__class__ = cls.__bases__[0]
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -45,6 +45,7 @@ from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec
 from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan, measure_step_costs
 from lightning_mp.profiling import LayerCosts
+from lightning_mp.rebalance import move_layers
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class ModelParallel(ParallelStrategy):
         start_method: "popen" (re-run the script per rank, like DDP), "spawn" or "fork".
         pipeline_metrics: log each stage's busy time, waiting time and utilization and the bubble every training
             step (``pipeline/...``), and warn with a better ``balance`` when the stages are measurably imbalanced.
+        rebalance: move layers between stages while training when the stages are measurably imbalanced
+            (parameters, buffers and optimizer state move; the numbers stay those of an unmoved run).
+        rebalance_every: measured steps between two rebalancing decisions.
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -104,6 +108,8 @@ class ModelParallel(ParallelStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork"] = "popen",
         pipeline_metrics: bool = True,
+        rebalance: bool = False,
+        rebalance_every: int = 50,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -124,6 +130,10 @@ class ModelParallel(ParallelStrategy):
         self._timeout = timeout
         self._start_method = start_method
         self.pipeline_metrics = pipeline_metrics
+        self.rebalance = rebalance
+        self.rebalance_every = rebalance_every
+        if rebalance and not pipeline_metrics:
+            raise ValueError("rebalance=True moves layers by the measured stage times: keep pipeline_metrics=True.")
         self.num_nodes = 1
         self._layout: Optional[ParallelLayout] = None
         self._mesh: Any = None
@@ -131,7 +141,7 @@ class ModelParallel(ParallelStrategy):
         self._runner: Optional[PipelineRunner] = None
         self._stash = GradStash()
         self._shared_groups: list[tuple[list[torch.nn.Parameter], Any]] = []
-        self._norm_counted: set[int] = set()
+        self._norm_skip: set[int] = set()  # tied copies counted on another stage
 
     # ---- properties ---------------------------------------------------------------------------------------------
     @property
@@ -253,7 +263,12 @@ class ModelParallel(ParallelStrategy):
             self.schedule,
             self.microbatches,
         )
-        runtime = StageRuntime(module, self.plan, self.stage)
+        runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance)
+        container = self.plan.layers.container_name + "."
+        if self.rebalance and any(name.startswith(container) for name, _ in runtime.shared_params):
+            raise ValueError(
+                "rebalance=True cannot move layers that share parameters with other stages; use rebalance=False."
+            )
         rank_zero_info(
             self.plan.format() + f"\n  layout: {layout}, schedule={self.schedule},"
             f" microbatches={1 if self.schedule == 'none' else self.microbatches}"
@@ -325,7 +340,7 @@ class ModelParallel(ParallelStrategy):
                 params = [by_name[n] for n, s in runtime.shared_params if s == stages and n in by_name]
                 self._shared_groups.append((params, groups[stages]))
         skip = {id(by_name[n]) for n, stages in runtime.shared_params if n in by_name and stages[0] != self.stage}
-        self._norm_counted = {id(p) for p in module.parameters()} - skip
+        self._norm_skip = skip
 
     @override
     def model_to_device(self) -> None:
@@ -364,7 +379,27 @@ class ModelParallel(ParallelStrategy):
             self._sync_gradients(optimizer)
             return result
 
-        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        self._maybe_rebalance()
+        return result
+
+    def _maybe_rebalance(self) -> None:
+        """With rebalance=True: every ``rebalance_every`` measured steps, move layers if the monitor advises it.
+
+        The decision is global rank 0's (data-parallel replicas measure different times but must split alike).
+        """
+        runner = self._runner
+        if not self.rebalance or runner is None or runner.monitor is None:
+            return
+        monitor = runner.monitor
+        if monitor.steps < monitor.warmup + self.rebalance_every:
+            return
+        better = broadcast_object(monitor.suggestion(), 0, None, self.root_device)
+        if better is not None:
+            old = list(self.plan.balance)
+            move_layers(runner.runtime, self.optimizers, better, runner.pp_ranks, self.root_device)
+            rank_zero_info(f"lightning-mp: rebalanced the pipeline from balance={old} to balance={better}")
+        runner.reset_monitor()
 
     def _sync_gradients(self, optimizer: Any) -> None:
         """Sum tied weights' gradients over their stages, then average all gradients over the data-parallel replicas."""
@@ -383,7 +418,8 @@ class ModelParallel(ParallelStrategy):
         def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
             params = list(precision.main_params(optimizer))
             group = self._mesh["pp"].get_group() if self.layout.pp > 1 else None
-            clip_by_global_norm(params, float(clip_val), group, self._norm_counted)
+            counted = {id(p) for p in params} - self._norm_skip
+            clip_by_global_norm(params, float(clip_val), group, counted)
 
         precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
 

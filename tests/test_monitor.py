@@ -8,7 +8,7 @@ import pytest
 
 from lightning_mp.executor import StepStats
 from lightning_mp.monitor import StageMonitor
-from tests.conftest import load_result, run_harness
+from tests.conftest import assert_matches_reference, load_result, run_harness
 
 
 def test_metrics_per_stage_and_bubble() -> None:
@@ -56,3 +56,30 @@ def test_imbalanced_split_is_reported_with_a_ready_override(tmp_path: Path) -> N
     for rank in range(2):
         metrics = load_result(tmp_path, "skewed", rank)["final_metrics"]
         assert {"pipeline/bubble", "pipeline/stage0_utilization", "pipeline/stage1_busy_s"} <= set(metrics)
+
+
+@pytest.mark.distributed
+def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path) -> None:
+    # SGD with momentum: the momentum buffers must move with the layers. (Adam would turn the noise-level
+    # gradients of MultiheadAttention's key bias into lr-sized updates, in one process and pipelined alike.)
+    kw = {"layers": 6, "batch_size": 6, "n": 120, "d": 64, "lr": 0.05}
+    jobs = [
+        {"name": "ref", "model": "gpt", "model_kwargs": kw, "max_steps": 12},
+        {
+            "name": "moving",
+            "model": "gpt",
+            "model_kwargs": kw,
+            "devices": 2,
+            "max_steps": 12,
+            "strategy": {"balance": [1, 5], "microbatches": 2, "rebalance": True, "rebalance_every": 3},
+        },
+    ]
+    proc = run_harness(jobs, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "rebalanced the pipeline from balance=[1, 5] to balance=" in proc.stdout + proc.stderr
+    ref = load_result(tmp_path, "ref", 0)
+    stages = [load_result(tmp_path, "moving", r) for r in range(2)]
+    for got in stages:
+        assert_matches_reference(ref, got)
+    assert set(stages[0]["params"]) | set(stages[1]["params"]) == set(ref["params"])
+    assert len(stages[0]["params"]) > 2 * 12  # stage 0 now holds more than one block (12 tensors each)
