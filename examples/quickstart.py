@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> None:
     model = GPT(GPTConfig(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, block_size=m.block_size), lr=m.lr)
     if cfg.dry_run:  # the plan only: no processes, no training
         strategy_args = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k != "_target_"}
-        for unused in ("start_method", "pipeline_metrics"):
+        for unused in ("start_method", "pipeline_metrics", "rebalance", "rebalance_every"):  # training only
             strategy_args.pop(unused, None)
         batch = next(iter(DataLoader(train, batch_size=cfg.data.batch_size)))
         plan, report = lightning_mp.dry_run(model, batch, devices=cfg.trainer.devices, **strategy_args)

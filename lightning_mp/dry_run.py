@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_mp.layout import ParallelLayout, SizeSpec
+from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.pipeline import BalanceSpec, build_plan, measure_step_costs
 from lightning_mp.stage import StagePlan
 
@@ -32,6 +32,7 @@ def dry_run(
     balance: BalanceSpec = "uniform",
     layers: str | None = None,
     hook: str = "training_step",
+    max_memory: int | float | str | None = None,
 ) -> tuple[StagePlan, dict[str, Any]]:
     """Plan ``model`` as :class:`~lightning_mp.ModelParallel` would, without processes; returns (plan, JSON dict).
 
@@ -47,7 +48,8 @@ def dry_run(
     layout = ParallelLayout.resolve(world, data_parallel_size, pipeline_parallel_size, tensor_parallel_size)
     m = 2 * layout.pp if microbatches == "auto" else int(microbatches)
     measure = measure_step_costs(model, hook, batch, m, backward=hook == "training_step") if batch is not None else None
-    plan = build_plan(model, layout.pp, balance, layers, measure, schedule, m)
+    limit = parse_bytes(max_memory) if max_memory is not None else None
+    plan = build_plan(model, layout.pp, balance, layers, measure, schedule, m, limit)
     ranks = [[layout.rank_of(d, s, t) for d in range(layout.dp) for t in range(layout.tp)] for s in range(layout.pp)]
     report = plan.to_dict(ranks)
     report.update(layout={"dp": layout.dp, "pp": layout.pp, "tp": layout.tp}, schedule=schedule, microbatches=m)

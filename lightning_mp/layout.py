@@ -90,3 +90,35 @@ def _quotient(world_size: int, divisor: int, name: str, dp: SizeSpec, pp: SizeSp
             f" Choose sizes whose product divides {world_size}, or change the number of devices."
         )
     return world_size // divisor
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(value: int | float | str) -> float:
+    """Bytes from a number or a string such as "24GiB", "500 MB", "1.5e9".
+
+    Raises:
+        LayoutError: the string is not a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :] or "b"
+    try:
+        return float(number) * _UNITS[unit]
+    except (KeyError, ValueError) as err:
+        raise LayoutError(
+            f"max_memory={value!r} is not a size: use bytes or a number with a unit, e.g. '24GiB' or '500MB'."
+        ) from err

@@ -7,6 +7,10 @@ from collections.abc import Callable, Sequence
 from lightning_mp.errors import ModelSplitError
 
 
+class InfeasiblePartition(ModelSplitError):
+    """No split satisfies the constraints (every split has an infinite stage cost)."""
+
+
 def uniform_balance(num_layers: int, num_stages: int) -> list[int]:
     """Layer counts that differ by at most one, the larger counts first.
 
@@ -62,6 +66,8 @@ def optimal_partition(num_layers: int, num_stages: int, stage_cost: Callable[[in
                 candidate = max(best[s - 1][i], stage_cost(s, i, j))
                 if candidate < best[s][j] - 1e-12 * max(1.0, abs(candidate)):
                     best[s][j], cut[s][j] = candidate, i
+    if best[num_stages - 1][n] == inf:
+        raise InfeasiblePartition(f"every split of {n} layers into {num_stages} stages has an infinite cost")
     counts, end = [], n
     for s in range(num_stages - 1, 0, -1):
         start = cut[s][end]

@@ -7,6 +7,8 @@ and share them with every stage.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
@@ -23,7 +25,13 @@ from lightning_mp.errors import ModelSplitError
 from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
 from lightning_mp.microbatch import batch_size_of, concat_microbatches, split_batch
 from lightning_mp.monitor import StageMonitor
-from lightning_mp.partition import check_explicit_balance, optimal_balance, optimal_partition, uniform_balance
+from lightning_mp.partition import (
+    InfeasiblePartition,
+    check_explicit_balance,
+    optimal_balance,
+    optimal_partition,
+    uniform_balance,
+)
 from lightning_mp.profiling import LayerCosts, profile_layers
 from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import RemoteLayer, StagePlan, StageRuntime, stage_parameters
@@ -44,6 +52,7 @@ def build_plan(
     measure: Callable[[ModelLayers], LayerCosts] | None = None,
     schedule: str = "1f1b",
     microbatches: int = 1,
+    max_memory: float | None = None,
 ) -> StagePlan:
     """Find the layers of ``root`` and assign them to ``num_stages`` stages.
 
@@ -57,6 +66,8 @@ def build_plan(
         measure: returns the measured per-layer costs of one micro-batch (required by "time" and "memory"; with any
             balance it adds a prediction of per-stage time and memory to the plan).
         schedule, microbatches: the pipeline the plan is for (activations in flight, bubble).
+        max_memory: bytes a stage may use (needs ``measure``): "time" then minimizes time among the splits that fit,
+            and any plan predicted above it is refused with the number of stages that would fit.
 
     Raises:
         ModelSplitError: the model cannot be split this way; the message names the setting that fixes it.
@@ -90,7 +101,10 @@ def build_plan(
         elif balance in ("time", "memory"):
             if model is None:
                 raise ValueError(f"balance={balance!r} needs measured layer costs (measure=...).")
-            counts = optimal_partition(found.num_layers, num_stages, model.function(balance))
+            try:
+                counts = optimal_partition(found.num_layers, num_stages, model.function(balance, max_memory))
+            except InfeasiblePartition:  # nothing fits: take the leanest split; check_memory_limit explains
+                counts = optimal_partition(found.num_layers, num_stages, model.memory)
         else:
             raise ValueError(
                 f"balance={balance!r} is not supported: use 'uniform', 'params', 'time', 'memory' or a list of"
@@ -104,7 +118,39 @@ def build_plan(
     plan.param_counts = [sum(p.numel() for p in stage_parameters(root, plan, s)) for s in range(num_stages)]
     if model is not None:
         plan.prediction = PlanPrediction.of(model, counts)
+        if max_memory is not None:
+            check_memory_limit(model, plan.prediction, found.num_layers, max_memory)
     return plan
+
+
+def check_memory_limit(model: StageCostModel, prediction: PlanPrediction, num_layers: int, max_memory: float) -> None:
+    """Raise when a stage of the plan is predicted above ``max_memory`` bytes, with the fewest stages that fit.
+
+    Raises:
+        ModelSplitError: naming the stage, its predicted memory, and the pipeline_parallel_size that would fit.
+    """
+    worst = max(range(len(prediction.stage_memory)), key=lambda s: prediction.stage_memory[s])
+    if prediction.stage_memory[worst] <= max_memory:
+        return
+    fits = None
+    for stages in range(model.num_stages + 1, num_layers + 1):
+        wider = dataclasses.replace(model, num_stages=stages)
+        counts = optimal_partition(num_layers, stages, wider.memory)
+        bounds = itertools.accumulate([0, *counts])
+        starts = list(bounds)
+        if max(wider.memory(s, starts[s], starts[s + 1]) for s in range(stages)) <= max_memory:
+            fits = stages
+            break
+    fix = (
+        f"at least pipeline_parallel_size={fits} stages fit"
+        if fits
+        else "no split of these layers fits: reduce microbatches or the micro-batch size, or use schedule='1f1b'"
+    )
+    raise ModelSplitError(
+        f"stage {worst} is predicted to need {prediction.stage_memory[worst] / 2**30:.2f} GiB, over"
+        f" max_memory={max_memory / 2**30:.2f} GiB (parameters, gradients, Adam states and in-flight activations);"
+        f" {fix}."
+    )
 
 
 def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, backward: bool) -> Callable:

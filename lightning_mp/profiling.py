@@ -32,6 +32,7 @@ class LayerCosts:
     layer_activation_bytes: list[int] = field(default_factory=list)
     pre_activation_bytes: int = 0
     post_activation_bytes: int = 0
+    layer_output_bytes: list[int] = field(default_factory=list)  # what a split after layer i sends downstream
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class LayerCosts:
             "layer_activation_bytes": self.layer_activation_bytes,
             "pre_activation_bytes": self.pre_activation_bytes,
             "post_activation_bytes": self.post_activation_bytes,
+            "layer_output_bytes": self.layer_output_bytes,
         }
 
 
@@ -54,6 +56,7 @@ class _Recorder:
         self.in_grad = [None] * n  # the gradient of layer i's input arrived: its backward ended
         self.current = -1  # -1: before the layers; n: after them
         self.saved = [0] * (n + 2)  # bytes saved for backward: [pre, layer 0..n-1, post]
+        self.output_bytes = [0] * n
         self.param_storages = param_storages
 
     def pre_hook(self, index: int) -> Callable:
@@ -71,7 +74,9 @@ class _Recorder:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             self.f_end[index] = time.perf_counter()
             self.current = self.n if index == self.n - 1 else index
-            for t in flatten(output)[0]:
+            tensors = flatten(output)[0]
+            self.output_bytes[index] = sum(t.numel() * t.element_size() for t in tensors)
+            for t in tensors:
                 if t.requires_grad:
                     t.register_hook(self._stamp(self.out_grad, index))
                     break
@@ -128,6 +133,7 @@ def profile_layers(
         layer_activation_bytes=runs[-1][3][1 : n + 1],
         pre_activation_bytes=runs[-1][3][0],
         post_activation_bytes=runs[-1][3][n + 1],
+        layer_output_bytes=runs[-1][4],
     )
 
 
@@ -163,4 +169,4 @@ def _one_run(layers: ModelLayers, run_step: Callable[[], Tensor | None], rec: _R
         first_in = rec.in_grad[0]
         pre += max(0.0, end - first_in) if first_in is not None else 0.0
         post += max(0.0, rec.out_grad[n - 1] - forward_end)
-    return times, pre, post, rec.saved
+    return times, pre, post, rec.saved, rec.output_bytes

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -42,7 +42,7 @@ from lightning_mp.checkpoint import (
 from lightning_mp.comm import broadcast_object
 from lightning_mp.errors import LayoutError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
-from lightning_mp.layout import ParallelLayout, SizeSpec
+from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan, measure_step_costs
 from lightning_mp.profiling import LayerCosts
 from lightning_mp.rebalance import move_layers
@@ -70,9 +70,10 @@ class ModelParallel(ParallelStrategy):
         microbatches: micro-batches per batch; "auto" = 2 × pipeline_parallel_size (fewer if the batch is smaller).
         schedule: "1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards,
             then all backwards), or "none" (the model is split but each batch flows through the stages whole).
-        balance: "uniform" layer counts, "params" (equal parameter counts), "time" (equal forward+backward time,
-            measured at set-up on one micro-batch of the data), "memory" (equal predicted peak memory: parameters,
-            gradients, Adam states, and the activations the schedule keeps in flight), or a list of layer counts.
+        balance: "time" (default: equal forward+backward time, measured at set-up on one micro-batch of the
+            data; "params" when no batch can be had), "uniform" layer counts, "params" (equal parameter counts),
+            "memory" (equal predicted peak memory: parameters, gradients, Adam states, and the activations the
+            schedule keeps in flight), or a list of layer counts per stage.
         layers: dotted name of the container of blocks to split (e.g. "model.transformer.h"); found automatically
             when None: the ``nn.ModuleList`` of same-class blocks or ``nn.Sequential`` holding the most parameters.
         process_group_backend: "gloo" on CPU and "nccl" on GPU by default.
@@ -83,6 +84,8 @@ class ModelParallel(ParallelStrategy):
         rebalance: move layers between stages while training when the stages are measurably imbalanced
             (parameters, buffers and optimizer state move; the numbers stay those of an unmoved run).
         rebalance_every: measured steps between two rebalancing decisions.
+        max_memory: bytes a stage may use ("24GiB", "500MB" or a number): "time" minimizes time among the splits
+            that fit, and a plan predicted over it is refused with the number of stages that would fit.
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -97,7 +100,7 @@ class ModelParallel(ParallelStrategy):
         data_parallel_size: SizeSpec = "auto",
         microbatches: Union[int, Literal["auto"]] = "auto",
         schedule: Literal["gpipe", "1f1b", "none"] = "1f1b",
-        balance: BalanceSpec = "uniform",
+        balance: BalanceSpec = "time",
         layers: Optional[str] = None,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -110,6 +113,7 @@ class ModelParallel(ParallelStrategy):
         pipeline_metrics: bool = True,
         rebalance: bool = False,
         rebalance_every: int = 50,
+        max_memory: Union[int, float, str, None] = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -131,6 +135,7 @@ class ModelParallel(ParallelStrategy):
         self._start_method = start_method
         self.pipeline_metrics = pipeline_metrics
         self.rebalance = rebalance
+        self.max_memory = parse_bytes(max_memory) if max_memory is not None else None
         self.rebalance_every = rebalance_every
         if rebalance and not pipeline_metrics:
             raise ValueError("rebalance=True moves layers by the measured stage times: keep pipeline_metrics=True.")
@@ -254,14 +259,9 @@ class ModelParallel(ParallelStrategy):
 
     def _split_model(self, trainer: Any, module: Any) -> None:
         layout = self.layout
+        balance, measure = self._measurement(trainer, module)
         self.plan = build_plan(
-            module,
-            layout.pp,
-            self.balance,
-            self.layers,
-            self._measure(trainer, module),
-            self.schedule,
-            self.microbatches,
+            module, layout.pp, balance, self.layers, measure, self.schedule, self.microbatches, self.max_memory
         )
         runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance)
         container = self.plan.layers.container_name + "."
@@ -286,24 +286,38 @@ class ModelParallel(ParallelStrategy):
         )
         self._setup_shared_parameters(module, runtime)
 
-    def _measure(self, trainer: Any, module: Any) -> Optional[Callable[[Any], LayerCosts]]:
-        """For balance="time"/"memory": global rank 0 measures one micro-batch of real data; every rank gets it."""
-        if self.balance not in ("time", "memory"):
-            return None
+    def _measurement(self, trainer: Any, module: Any) -> tuple[Any, Optional[Callable[[Any], LayerCosts]]]:
+        """The balance to use and, when it (or max_memory) needs measured costs, how to measure them.
+
+        Global rank 0 measures the user's step on one micro-batch of the data the trainer is about to use, and
+        every rank receives the same costs. Without a batch to measure (no dataloader yet, an empty one), a
+        "time"/"memory" balance falls back to "params", with a warning that says why.
+        """
+        balance = self.balance
+        if balance not in ("time", "memory") and self.max_memory is None:
+            return balance, None
+        batch, problem = self._first_batch(trainer) if self.global_rank == 0 else (None, None)
+        problem = broadcast_object(problem, 0, None, self.root_device)
+        if problem is not None:
+            rank_zero_warn(
+                f"lightning-mp: balance={balance!r} measures the model on one batch of its data at set-up and could"
+                f" not get one ({problem}); using balance='params' instead, and max_memory is not checked."
+            )
+            return ("params" if balance in ("time", "memory") else balance), None
         fitting = trainer.state.fn == TrainerFn.FITTING
+        hook = "training_step" if fitting else _EVAL_HOOKS[trainer.state.fn]
 
         def measure(found: Any) -> LayerCosts:
             costs = None
             if self.global_rank == 0:
-                batch = self._first_batch(trainer)
                 module.to(self.root_device)
-                hook = "training_step" if fitting else _EVAL_HOOKS[trainer.state.fn]
                 costs = measure_step_costs(module, hook, batch, self.microbatches, backward=fitting)(found).as_dict()
             return LayerCosts(**broadcast_object(costs, 0, None, self.root_device))
 
-        return measure
+        return balance, measure
 
-    def _first_batch(self, trainer: Any) -> Any:
+    def _first_batch(self, trainer: Any) -> tuple[Any, Optional[str]]:
+        """(the first batch of the current stage's dataloader, on this device; or None and what went wrong)."""
         loop = {
             TrainerFn.FITTING: trainer.fit_loop,
             TrainerFn.VALIDATING: trainer.validate_loop,
@@ -311,14 +325,10 @@ class ModelParallel(ParallelStrategy):
             TrainerFn.PREDICTING: trainer.predict_loop,
         }[trainer.state.fn]
         try:
-            loader = loop._data_source.dataloader()
-            batch = next(iter(loader))
-        except Exception as err:
-            raise RuntimeError(
-                f"balance={self.balance!r} measures the model on one batch of its data at set-up and could not get"
-                f" one ({type(err).__name__}: {err}). Use balance='params' or a list of layer counts."
-            ) from err
-        return self.batch_to_device(batch, self.root_device)
+            batch = next(iter(loop._data_source.dataloader()))
+        except Exception as err:  # any failure of the user's dataloader hook means: no batch to measure
+            return None, f"{type(err).__name__}: {err}"
+        return self.batch_to_device(batch, self.root_device), None
 
     def _setup_shared_parameters(self, module: Any, runtime: StageRuntime) -> None:
         """Process groups for the weights used on several stages (tied embeddings), and who counts them in norms."""

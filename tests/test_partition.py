@@ -8,7 +8,13 @@ import random
 import pytest
 
 from lightning_mp.errors import ModelSplitError
-from lightning_mp.partition import check_explicit_balance, optimal_balance, uniform_balance
+from lightning_mp.partition import (
+    InfeasiblePartition,
+    check_explicit_balance,
+    optimal_balance,
+    optimal_partition,
+    uniform_balance,
+)
 
 
 def _max_stage(costs: list[float], counts: list[int], first: float, last: float) -> float:
@@ -66,3 +72,29 @@ def test_explicit_balance_errors(balance: list[int], message: str) -> None:
     with pytest.raises(ModelSplitError, match=message):
         check_explicit_balance(balance, 4, 2)
     assert check_explicit_balance([1, 3], 4, 2) == [1, 3]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_optimal_partition_under_a_memory_limit_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(2, 8)
+    stages = rng.randint(1, n)
+    time_cost = [rng.random() for _ in range(n)]
+    memory = [rng.random() for _ in range(n)]
+    limit = rng.uniform(0.5, 3.0)
+
+    def cost(stage: int, start: int, end: int) -> float:
+        return sum(time_cost[start:end]) if sum(memory[start:end]) <= limit else float("inf")
+
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = [0, *cuts, n]
+        best = min(best, max(cost(s, a, b) for s, (a, b) in enumerate(itertools.pairwise(bounds))))
+    if best == float("inf"):
+        with pytest.raises(InfeasiblePartition):
+            optimal_partition(n, stages, cost)
+        return
+    counts = optimal_partition(n, stages, cost)
+    assert min(counts) >= 1 and sum(counts) == n
+    starts = list(itertools.accumulate([0, *counts]))
+    assert max(cost(s, starts[s], starts[s + 1]) for s in range(stages)) == pytest.approx(best)

@@ -92,3 +92,36 @@ def test_dry_run_reports_ranks_and_leaves_the_model_whole() -> None:
     assert report["balance"] == plan.balance and len(plan.balance) == 4
     assert 0 <= report["predicted_bubble"] < 1 and report["imbalance"] >= 1
     assert not any(isinstance(m, RemoteLayer) for m in model.modules())
+
+
+def test_memory_limit_steers_the_split_or_reports_the_stages_needed() -> None:
+    model = _model("gpipe")  # stage 0 also holds 5000 parameter bytes of embeddings
+    loose = model.function("time", max_memory=1e9)
+    assert loose(0, 0, 2) == model.time(0, 0, 2)
+    tight = model.function("time", max_memory=model.memory(1, 2, 4) + 1)
+    assert tight(0, 0, 2) == float("inf") and tight(1, 2, 4) < float("inf")
+
+
+def test_plan_over_the_memory_limit_names_the_stages_that_fit() -> None:
+    from lightning_mp import ModelSplitError
+
+    torch.set_num_threads(1)
+    model = HeavyHead()
+    measure = measure_step_costs(model, "training_step", _batch(), 2, True)
+    plan = build_plan(model, 2, "time", measure=measure)
+    need = max(plan.prediction.stage_memory)
+    with pytest.raises(ModelSplitError, match=r"over max_memory=.*(at least pipeline_parallel_size=\d+|no split)"):
+        build_plan(model, 2, "time", measure=measure, max_memory=need * 0.3)
+
+
+def test_stage_time_counts_its_boundary_messages() -> None:
+    from lightning_mp.cost_model import COMM_SECONDS_PER_BYTE
+
+    costs = LayerCosts([1.0] * 4, 0.0, 0.0, [0] * 4, 0, 0, layer_output_bytes=[2**20] * 4)
+    model = StageCostModel(costs, [0] * 4, 0, 0, 2, "1f1b", 4)
+    message = 2 * COMM_SECONDS_PER_BYTE * 2**20  # activation one way, its gradient back
+    assert model.time(0, 0, 2) == pytest.approx(2.0 + message)
+    assert model.time(1, 2, 4) == pytest.approx(2.0 + message)
+    net = HeavyHead()
+    measured = measure_step_costs(net, "training_step", _batch(), 2, True)(build_plan(net, 2).layers)
+    assert measured.layer_output_bytes == [32 * 32 * 4] * 8  # a micro-batch of 32 samples × 32 features, fp32

@@ -37,6 +37,7 @@ def test_quickstart_trains_and_prints_its_summary(tmp_path: Path) -> None:
             str(ROOT / "examples" / "quickstart.py"),
             "trainer.max_steps=6",
             "trainer.val_check_interval=3",
+            "strategy.balance=uniform",
             f"hydra.run.dir={tmp_path}",
         ]
     )
