@@ -128,15 +128,25 @@ class TinyGPT(Base):
         self.head = nn.Linear(d, VOCAB, bias=False)
         self.head.weight = self.wte.weight
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token + position embeddings, and the causal mask every block takes."""
         t = ids.shape[1]
         x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
-        mask = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
-        for block in self.blocks:
-            x = block(x, mask)
+        return x, torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return block(x, mask)
+
+    def lm_loss(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.ln_f(x))
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        x, mask = self.embed(ids)
+        for block in self.blocks:
+            x = self.run_block(block, x, mask)
+        return self.lm_loss(x, ids)
 
 
 class FrozenBottomGPT(TinyGPT):
@@ -154,15 +164,8 @@ class FrozenBottomGPT(TinyGPT):
 class ReentrantCheckpointGPT(TinyGPT):
     """Calls its blocks through torch.utils.checkpoint with use_reentrant=True (hides the blocks' outputs' history)."""
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        t = ids.shape[1]
-        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
-        mask = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
-        for block in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=True)
-        logits = self.head(self.ln_f(x))
-        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    def run_block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=True)
 
 
 class HFCausalLM(Base):
@@ -292,14 +295,11 @@ class EmbeddingSkipGPT(TinyGPT):
 
     def forward(self, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
-        t = ids.shape[1]
-        emb = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
-        mask = torch.triu(torch.full((t, t), float("-inf"), device=ids.device), diagonal=1)
+        emb, mask = self.embed(ids)
         x = emb
         for block in self.blocks:
             x = block(x, mask)
-        logits = self.head(self.ln_f(x + emb))
-        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        return self.lm_loss(x + emb, ids)
 
 
 MODELS.update(
