@@ -12,7 +12,7 @@
 from lightning_mp.dry_run import dry_run
 from lightning_mp.errors import LayoutError, ModelSplitError, PipelineError
 from lightning_mp.layout import ParallelLayout
-from lightning_mp.pipeline import build_plan
+from lightning_mp.planning import build_plan
 from lightning_mp.registry import register
 from lightning_mp.strategy import ModelParallel
 

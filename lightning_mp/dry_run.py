@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
-from lightning_mp.pipeline import BalanceSpec, build_plan, measure_step_costs
+from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
 from lightning_mp.stage import StagePlan
 
 

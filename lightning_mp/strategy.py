@@ -43,7 +43,8 @@ from lightning_mp.comm import broadcast_object
 from lightning_mp.errors import LayoutError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
-from lightning_mp.pipeline import BalanceSpec, PipelineRunner, build_plan, measure_step_costs
+from lightning_mp.pipeline import PipelineRunner
+from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
 from lightning_mp.profiling import LayerCosts
 from lightning_mp.rebalance import move_layers
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder

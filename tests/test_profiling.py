@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_mp.cost_model import PlanPrediction, StageCostModel, in_flight
-from lightning_mp.pipeline import build_plan, measure_step_costs
+from lightning_mp.planning import build_plan, measure_step_costs
 from lightning_mp.profiling import LayerCosts
 
 
