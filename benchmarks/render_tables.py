@@ -1,0 +1,68 @@
+"""Rewrites the README's benchmark tables from benchmarks/results-*.jsonl (the JSON lines the benchmarks print).
+
+Usage: ``python benchmarks/pipeline.py > benchmarks/results-pipeline.jsonl``, likewise for balance.py, then
+``python benchmarks/render_tables.py``. Each table sits between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline_table(rows: list[dict]) -> str:
+    lines = [
+        "| configuration | s/step | speedup vs one process | ideal | of ideal | vs torch.distributed.pipelining |"
+        " stage busy / wait s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["config"] == "one process":
+            lines.append(f"| one process (whole batch) | {r['step_s']:.3f} | 1.00× | | | | |")
+            continue
+        vs = f"{r['vs_torch']:.3f}×" if "vs_torch" in r else ""
+        stages = " · ".join(f"{b:.2f} / {w:.2f}" for b, w in zip(r.get("stage_busy_s", []), r.get("stage_wait_s", [])))
+        lines.append(
+            f"| {r['config']} | {r['step_s']:.3f} | {r['speedup']:.2f}× | {r['ideal']:.2f}× |"
+            f" {100 * r['of_ideal']:.1f}% | {vs} | {stages} |"
+        )
+    return "\n".join(lines)
+
+
+def balance_table(rows: list[dict]) -> str:
+    lines = ["| configuration | balance | s/step | stage busy s/step |", "|---|---|---|---|"]
+    summary = {}
+    for r in rows:
+        if r.get("summary"):
+            summary = r
+            continue
+        busy = " · ".join(f"{b:.2f}" for b in r["stage_busy_s"])
+        lines.append(f"| {r['config']} | {r['balance']} | {r['step_s']:.3f} | {busy} |")
+    lines += [
+        "",
+        f'`balance="time"` chose {summary["time_balance"]}: {summary["time_step_s"]:.3f} s/step against'
+        f" {summary['best_step_s']:.3f} for the best split found by trying all of them ({summary['best_split']}),"
+        f" i.e. {100 * summary['time_vs_best']:.1f}% of the best speed (target ≥ 95%), and"
+        f" {summary['time_vs_uniform']:.2f}× the speed of the uniform split.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in (("pipeline-table", pipeline_table), ("balance-table", balance_table)):
+        results = ROOT / "benchmarks" / f"results-{name.split('-')[0]}.jsonl"
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        block = f"<!-- {name} -->\n{render(rows)}\n<!-- /{name} -->"
+        text, count = re.subn(rf"<!-- {name} -->.*?<!-- /{name} -->", lambda _, block=block: block, text, flags=re.S)
+        if count != 1:
+            raise SystemExit(f"README.md needs exactly one <!-- {name} --> ... <!-- /{name} --> block")
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
