@@ -136,7 +136,7 @@ class StagePlan:
                     f" {pred.stage_memory[row['stage']] / 2**20:.1f} MiB"
                 )
             lines.append(
-                f"  stage {row['stage']}: {row['layers']} ({row['num_layers']} layers{params})"
+                f"  stage {row['stage']}: {row['layers']} ({_count(row['num_layers'], 'layer')}{params})"
                 + (f"; {'; '.join(extra)}" if extra else "")
             )
         if self.prediction is not None:
@@ -471,6 +471,10 @@ class Unreachable(nn.Module):
             f"module '{self.name}' is registered after the layers, so lightning-mp placed it on the last stage, but"
             f" stage {self.stage} ran it before its layers. Register it before the layer container in __init__."
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _carries_grad(value: Any) -> bool:
