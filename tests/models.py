@@ -127,6 +127,8 @@ class TinyGPT(Base):
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, VOCAB, bias=False)
         self.head.weight = self.wte.weight
+        for embedding in (self.wte, self.wpe):  # GPT-style scale: the first loss is about ln(VOCAB) at any width
+            nn.init.normal_(embedding.weight, std=0.02)
 
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token + position embeddings, and the causal mask every block takes."""

@@ -44,7 +44,7 @@ def test_imbalanced_split_is_reported_with_a_ready_override(tmp_path: Path) -> N
     job = {
         "name": "skewed",
         "model": "gpt",
-        "model_kwargs": {"layers": 6, "batch_size": 6, "n": 120, "d": 64},
+        "model_kwargs": {"layers": 6, "batch_size": 6, "n": 120, "d": 128},
         "devices": 2,
         "strategy": {"balance": [1, 5], "microbatches": 2},
         "max_steps": 16,
@@ -62,7 +62,7 @@ def test_imbalanced_split_is_reported_with_a_ready_override(tmp_path: Path) -> N
 def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path) -> None:
     # SGD with momentum: the momentum buffers must move with the layers. (Adam would turn the noise-level
     # gradients of MultiheadAttention's key bias into lr-sized updates, in one process and pipelined alike.)
-    kw = {"layers": 6, "batch_size": 6, "n": 120, "d": 64, "lr": 0.05}
+    kw = {"layers": 6, "batch_size": 6, "n": 120, "d": 128, "lr": 0.05}
     jobs = [
         {"name": "ref", "model": "gpt", "model_kwargs": kw, "max_steps": 12},
         {
