@@ -15,7 +15,8 @@ class PipelineSummary(L.Callback):
     """Prints, on global rank 0 after training, the steps/s and each stage's busy and waiting time per step.
 
     "busy" is forward and backward compute; "wait" is time blocked on receives from the neighbouring stages. The
-    first ``skip`` steps are left out of the averages (warm-up). The summary is also kept as ``self.summary``.
+    first ``skip`` steps are left out of the averages (warm-up); stage times cover the last 1000 steps. The summary
+    is also kept as ``self.summary``.
     """
 
     def __init__(self, skip: int = 1) -> None:

@@ -8,6 +8,7 @@ stage's loss and logs, and share them with every stage.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 log = logging.getLogger("lightning_mp")
 
 ADVICE_AFTER_STEPS = 10  # measured steps before the monitor judges the balance
+HISTORY_STEPS = 1000  # per-step statistics kept for summaries
 
 
 class PipelineRunner:
@@ -68,7 +70,8 @@ class PipelineRunner:
             prev_rank=self.pp_ranks[stage - 1] if stage > 0 else None,
             next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
         )
-        self.history: list[StepStats] = []
+        # the most recent steps only: a long run must not grow memory with its step count
+        self.history: deque[StepStats] = deque(maxlen=HISTORY_STEPS)
         self.monitor = StageMonitor(list(runtime.plan.balance)) if monitor else None
         self._advised = False
 

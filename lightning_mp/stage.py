@@ -170,7 +170,6 @@ class StageRuntime:
         self.is_last = stage == plan.num_stages - 1
         self.own_layers = plan.layer_range(stage)
         self._state = _ForwardState()
-        self._hooks: list[Any] = []
         # Tensors of first-stage modules on later stages: a gradient reaching one means the model routes something
         # around the layers, which a split at the layers cannot carry (see check_no_bypass).
         self._watched: list[tuple[str, Tensor]] = []
@@ -214,7 +213,7 @@ class StageRuntime:
                 _replace(root, name, ZeroEmbedding(module, name, self))
             else:
                 self._watched += [(name, t) for t in _demote_parameters(module, needed) if t.requires_grad]
-                self._hooks.append(module.register_forward_pre_hook(self._make_order_guard(name)))
+                module.register_forward_pre_hook(self._make_order_guard(name))
 
     def _trace(self, index: int) -> None:
         self._trace_handles[index] = self.plan.layers.layer(index).register_forward_pre_hook(

@@ -197,8 +197,8 @@ class ModelParallel(ParallelStrategy):
 
     @property
     def stats(self) -> list[Any]:
-        """Per-step time accounting of this rank's stage (busy, wait, wall seconds)."""
-        return self._runner.history if self._runner is not None else []
+        """Time accounting of this rank's stage (busy, wait, wall seconds) for each of the last 1000 steps."""
+        return list(self._runner.history) if self._runner is not None else []
 
     # ---- processes ----------------------------------------------------------------------------------------------
     @override
