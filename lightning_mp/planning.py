@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_mp.cost_model import PlanPrediction, StageCostModel
@@ -140,10 +141,15 @@ def check_memory_limit(model: StageCostModel, prediction: PlanPrediction, num_la
 
 
 def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, backward: bool) -> Callable:
-    """A ``measure`` for :func:`build_plan`: the user's ``hook`` on the first micro-batch of ``batch``."""
+    """A ``measure`` for :func:`build_plan`: the user's ``hook`` on the first micro-batch of ``batch``.
+
+    A model on the meta device is measured in FLOPs on a meta copy of the micro-batch (see ``profiling``).
+    """
 
     def measure(found: ModelLayers) -> LayerCosts:
         microbatch = split_batch(batch, microbatches)[0][0]
+        if any(p.is_meta for p in module.parameters()):  # planned without memory: the batch goes to meta too
+            microbatch = apply_to_collection(microbatch, Tensor, lambda t: t.to("meta"))
         records = LogRecords()
 
         def run_step() -> Tensor | None:

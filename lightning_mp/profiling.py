@@ -5,10 +5,16 @@ gradient hooks on their outputs, so nothing about the model changes: no module i
 are unaffected. Layer ``i``'s backward time is the time between the gradient of its output and the gradient of its
 input arriving; the modules before the layers, and the head with the loss after them, are measured the same way.
 Random-number state, buffers (BatchNorm statistics) and gradients are restored afterwards.
+
+A model too large for one device can be planned on the meta device (parameters and batch without storage): the same
+hooks then read a FLOP counter instead of a clock, and FLOPs become seconds at the matrix-product rate measured on
+this machine. Activation bytes are counted from shapes either way, so "memory" balancing is exact on meta too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_mp.comm import flatten
 from lightning_mp.discovery import ModelLayers
@@ -47,7 +55,8 @@ class LayerCosts:
 
 
 class _Recorder:
-    def __init__(self, layers: ModelLayers, param_storages: set[int]) -> None:
+    def __init__(self, layers: ModelLayers, param_storages: set[int], clock: Callable[[], float]) -> None:
+        self.clock = clock
         n = layers.num_layers
         self.n = n
         self.f_start = [0.0] * n
@@ -62,7 +71,7 @@ class _Recorder:
     def pre_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             self.current = index
-            self.f_start[index] = time.perf_counter()
+            self.f_start[index] = self.clock()
             for t in flatten(args)[0]:
                 if t.requires_grad:
                     t.register_hook(self._stamp(self.in_grad, index))
@@ -72,7 +81,7 @@ class _Recorder:
 
     def post_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self.f_end[index] = time.perf_counter()
+            self.f_end[index] = self.clock()
             self.current = self.n if index == self.n - 1 else index
             tensors = flatten(output)[0]
             self.output_bytes[index] = sum(t.numel() * t.element_size() for t in tensors)
@@ -85,12 +94,12 @@ class _Recorder:
 
     def _stamp(self, target: list, index: int) -> Callable:
         def hook(grad: Tensor) -> None:
-            target[index] = time.perf_counter()
+            target[index] = self.clock()
 
         return hook
 
     def pack(self, t: Tensor) -> Tensor:
-        if t.untyped_storage().data_ptr() not in self.param_storages:
+        if _storage_id(t) not in self.param_storages:
             self.saved[self.current + 1] += t.numel() * t.element_size()
         return t
 
@@ -100,20 +109,30 @@ def profile_layers(
 ) -> LayerCosts:
     """Time each layer's forward+backward (median of ``repeats`` runs after two warm-ups) and count activations.
 
-    ``run_step`` runs the user's step on one micro-batch and returns the loss (None: forward only).
+    ``run_step`` runs the user's step on one micro-batch and returns the loss (None: forward only). When the
+    parameters are on the meta device, one run counts FLOPs instead (see the module docstring).
     """
+    on_meta = any(p.is_meta for p in module.parameters())
+    counter = FlopCounterMode(display=False) if on_meta else None
+    clock = (lambda: float(counter.get_total_flops())) if counter is not None else time.perf_counter
+    warmups, repeats = (0, 1) if on_meta else (2, repeats)
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     grads = {p: p.grad for p in module.parameters()}
-    param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    param_storages = {_storage_id(p) for p in module.parameters()}
     runs = []
     try:
-        for attempt in range(repeats + 2):  # two warm-up runs: allocator and kernels settle
+        for attempt in range(repeats + warmups):  # warm-up runs: allocator and kernels settle
             for p in grads:
                 p.grad = None
-            rec = _Recorder(layers, param_storages)
-            runs.append(_one_run(layers, run_step, rec) if attempt >= 2 else None)
+            rec = _Recorder(layers, param_storages, clock)
+            with contextlib.ExitStack() as modes:
+                if counter is not None:
+                    modes.enter_context(counter)
+                    modes.enter_context(_MetaScalars())
+                run = _one_run(layers, run_step, rec)
+            runs.append(run if attempt >= warmups else None)
     finally:
         for p, g in grads.items():
             p.grad = g
@@ -124,7 +143,8 @@ def profile_layers(
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     runs = [r for r in runs if r is not None]
-    median = lambda values: statistics.median(values)  # noqa: E731
+    scale = 1.0 / matmul_flops_per_second() if on_meta else 1.0
+    median = lambda values: scale * statistics.median(values)  # noqa: E731
     n = layers.num_layers
     return LayerCosts(
         layer_time=[median([r[0][i] for r in runs]) for i in range(n)],
@@ -137,19 +157,48 @@ def profile_layers(
     )
 
 
+class _MetaScalars(TorchDispatchMode):
+    """Answers ``.item()`` on a meta tensor (which has no value) with True / 1: models read masks this way, e.g.
+    "is the attention mask all ones?", and the plan only needs shapes."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            t = args[0]
+            return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
+        return func(*args, **(kwargs or {}))
+
+
+def _storage_id(t: Tensor) -> int:
+    """Identifies a tensor's storage, shared by its views; unlike ``data_ptr`` it also tells meta tensors apart."""
+    return t.untyped_storage()._cdata
+
+
+@functools.cache
+def matmul_flops_per_second(size: int = 512) -> float:
+    """FLOP/s of a float32 ``size``×``size`` matrix product on this machine's CPU (what a meta plan's FLOPs cost)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        runs.append(time.perf_counter() - start)
+    return 2 * size**3 / max(statistics.median(runs), 1e-9)
+
+
 def _one_run(layers: ModelLayers, run_step: Callable[[], Tensor | None], rec: _Recorder) -> tuple:
     handles = []
     for i in range(layers.num_layers):
         handles.append(layers.layer(i).register_forward_pre_hook(rec.pre_hook(i)))
         handles.append(layers.layer(i).register_forward_hook(rec.post_hook(i)))
     try:
-        start = time.perf_counter()
+        start = rec.clock()
         with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
             loss = run_step()
-        forward_end = time.perf_counter()
+        forward_end = rec.clock()
         if loss is not None and loss.requires_grad:
             loss.backward()
-        end = time.perf_counter()
+        end = rec.clock()
     finally:
         for h in handles:
             h.remove()

@@ -40,7 +40,7 @@ from lightning_mp.checkpoint import (
     named_optimizer_state,
 )
 from lightning_mp.comm import broadcast_object
-from lightning_mp.errors import LayoutError
+from lightning_mp.errors import LayoutError, ModelSplitError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.pipeline import PipelineRunner
@@ -84,7 +84,8 @@ class ModelParallel(ParallelStrategy):
             step (``pipeline/...``), and warn with a better ``balance`` when the stages are measurably imbalanced.
         rebalance: move layers between stages while training when the stages are measurably imbalanced
             (parameters, buffers and optimizer state move; the numbers stay those of an unmoved run).
-        rebalance_every: measured steps between two rebalancing decisions.
+        rebalance_every: measured steps between two rebalancing decisions, or "epoch": decide at each epoch boundary
+            (before the first step of the next epoch, with the whole epoch measured).
         max_memory: bytes a stage may use ("24GiB", "500MB" or a number): "time" minimizes time among the splits
             that fit, and a plan predicted over it is refused with the number of stages that would fit.
 
@@ -113,7 +114,7 @@ class ModelParallel(ParallelStrategy):
         start_method: Literal["popen", "spawn", "fork"] = "popen",
         pipeline_metrics: bool = True,
         rebalance: bool = False,
-        rebalance_every: int = 50,
+        rebalance_every: Union[int, Literal["epoch"]] = 50,
         max_memory: Union[int, float, str, None] = None,
     ) -> None:
         super().__init__(
@@ -138,6 +139,12 @@ class ModelParallel(ParallelStrategy):
         self.rebalance = rebalance
         self.max_memory = parse_bytes(max_memory) if max_memory is not None else None
         self.rebalance_every = rebalance_every
+        if rebalance_every != "epoch" and (
+            isinstance(rebalance_every, bool) or not isinstance(rebalance_every, int) or rebalance_every < 1
+        ):
+            raise ValueError(
+                f"rebalance_every={rebalance_every!r} is invalid: use a positive number of steps or 'epoch'."
+            )
         if rebalance and not pipeline_metrics:
             raise ValueError("rebalance=True moves layers by the measured stage times: keep pipeline_metrics=True.")
         self.num_nodes = 1
@@ -247,6 +254,13 @@ class ModelParallel(ParallelStrategy):
             raise NotImplementedError(
                 "ModelParallel pipelines the backward pass itself and needs automatic optimization:"
                 " set self.automatic_optimization = True (manual_backward cannot be split across stages)."
+            )
+        meta = [name for name, p in module.named_parameters() if p.is_meta]
+        if meta:
+            raise ModelSplitError(
+                f"{len(meta)} parameters of {type(module).__name__} are on the meta device (e.g. {meta[0]!r}): they"
+                " have no values to train. lightning_mp.dry_run plans such a model; for training, materialize the"
+                " weights first (module.to_empty(device='cpu') and initialize or load them)."
             )
         if self._runner is None:
             self._split_model(trainer, module)
@@ -391,11 +405,18 @@ class ModelParallel(ParallelStrategy):
             return result
 
         result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        self._maybe_rebalance()
+        if self.rebalance_every != "epoch":
+            self._maybe_rebalance(self.rebalance_every)
         return result
 
-    def _maybe_rebalance(self) -> None:
-        """With rebalance=True: every ``rebalance_every`` measured steps, move layers if the monitor advises it.
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.rebalance_every == "epoch" and batch_idx == 0 and self.lightning_module.trainer.current_epoch > 0:
+            self._maybe_rebalance(1)  # no gradient is pending at an epoch's first batch: layers can move
+
+    def _maybe_rebalance(self, min_steps: int) -> None:
+        """With rebalance=True: after ``min_steps`` measured steps, move layers if the monitor advises it.
 
         The decision is global rank 0's (data-parallel replicas measure different times but must split alike).
         """
@@ -403,7 +424,7 @@ class ModelParallel(ParallelStrategy):
         if not self.rebalance or runner is None or runner.monitor is None:
             return
         monitor = runner.monitor
-        if monitor.steps < monitor.warmup + self.rebalance_every:
+        if monitor.steps < monitor.warmup + min_steps:
             return
         better = broadcast_object(monitor.suggestion(), 0, None, self.root_device)
         if better is not None:

@@ -8,6 +8,7 @@ rank's parameters by name. A job without ``strategy`` runs in one process with n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -37,7 +38,8 @@ class Recorder(L.Callback):
 
 def run_job(job: dict[str, Any], out_dir: Path) -> None:
     torch.set_num_threads(1)
-    model = make_model(job["model"], **job.get("model_kwargs", {}))
+    with torch.device("meta") if job.get("meta") else contextlib.nullcontext():
+        model = make_model(job["model"], **job.get("model_kwargs", {}))
     strategy_kwargs = job.get("strategy")
     devices = job.get("devices", 1)
     if strategy_kwargs is None:

@@ -37,6 +37,7 @@ def _job(model: str, strategy: dict[str, Any] | None = None, **model_kwargs: Any
             _job("sequential", {"pipeline_parallel_size": 3}),
             r"world size 2 \(devices × nodes\) is not divisible by pipeline_parallel_size\(3\)",
         ),
+        ({**_job("sequential"), "meta": True}, r"parameters of SequentialNet are on the meta device"),
     ],
     ids=[
         "no-blocks",
@@ -46,6 +47,7 @@ def _job(model: str, strategy: dict[str, Any] | None = None, **model_kwargs: Any
         "connection-around-layers",
         "bad-layers",
         "bad-layout",
+        "weights-on-meta",
     ],
 )
 def test_bad_input_fails_fast_with_the_fix(tmp_path: Path, job: dict[str, Any], message: str) -> None:

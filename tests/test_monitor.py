@@ -59,10 +59,12 @@ def test_imbalanced_split_is_reported_with_a_ready_override(tmp_path: Path) -> N
 
 
 @pytest.mark.distributed
-def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("every", [3, "epoch"])
+def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path, every: int | str) -> None:
     # SGD with momentum: the momentum buffers must move with the layers. (Adam would turn the noise-level
     # gradients of MultiheadAttention's key bias into lr-sized updates, in one process and pipelined alike.)
-    kw = {"layers": 6, "batch_size": 6, "n": 120, "d": 128, "lr": 0.05}
+    # "epoch": 6 steps per epoch, so the move happens before step 7.
+    kw = {"layers": 6, "batch_size": 6, "n": 120 if every == 3 else 36, "d": 128, "lr": 0.05}
     jobs = [
         {"name": "ref", "model": "gpt", "model_kwargs": kw, "max_steps": 12},
         {
@@ -71,7 +73,7 @@ def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path) -> None:
             "model_kwargs": kw,
             "devices": 2,
             "max_steps": 12,
-            "strategy": {"balance": [1, 5], "microbatches": 2, "rebalance": True, "rebalance_every": 3},
+            "strategy": {"balance": [1, 5], "microbatches": 2, "rebalance": True, "rebalance_every": every},
         },
     ]
     proc = run_harness(jobs, tmp_path)

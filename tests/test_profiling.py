@@ -125,3 +125,36 @@ def test_stage_time_counts_its_boundary_messages() -> None:
     net = HeavyHead()
     measured = measure_step_costs(net, "training_step", _batch(), 2, True)(build_plan(net, 2).layers)
     assert measured.layer_output_bytes == [32 * 32 * 4] * 8  # a micro-batch of 32 samples × 32 features, fp32
+
+
+def test_a_model_on_the_meta_device_is_planned_without_memory() -> None:
+    """A model too large for one process is planned from shapes: memory as on real weights, time from FLOPs."""
+    import lightning_mp
+
+    torch.set_num_threads(1)
+    real = HeavyHead()
+    with torch.device("meta"):
+        meta = HeavyHead()
+    for balance in ("memory", "time"):
+        on_meta, _ = lightning_mp.dry_run(meta, _batch(), pipeline_parallel_size=2, balance=balance, microbatches=2)
+        on_cpu, _ = lightning_mp.dry_run(real, _batch(), pipeline_parallel_size=2, balance=balance, microbatches=2)
+        assert on_meta.balance == on_cpu.balance == [7, 1]  # the head outweighs the seven layers in FLOPs and bytes
+        assert on_meta.prediction.stage_memory == pytest.approx(on_cpu.prediction.stage_memory, rel=0.01)
+    assert all(p.is_meta for p in meta.parameters())
+
+
+def test_a_hugging_face_model_on_meta_reads_its_mask_and_is_planned() -> None:
+    """GPT-2 asks whether its attention mask is all ones (``.item()`` on a meta tensor): planning still works."""
+    from tests.models import TokenData, make_model
+
+    data = TokenData(8, 8)
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.device("meta"):
+        meta = make_model("hf_gpt2")
+    real = make_model("hf_gpt2")
+    plans = [
+        build_plan(m, 2, "memory", measure=measure_step_costs(m, "training_step", batch, 2, True)) for m in (meta, real)
+    ]
+    assert plans[0].balance == plans[1].balance
+    assert plans[0].prediction.stage_memory == pytest.approx(plans[1].prediction.stage_memory, rel=0.02)
+    assert all(t > 0 for t in plans[0].prediction.stage_time)
