@@ -9,14 +9,20 @@ knows their shapes from the forward message. Sends are asynchronous; their handl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_mp.errors import PipelineError
+
+if TYPE_CHECKING:
+    from lightning_mp.watchdog import FailureWatch
 
 # ---- structure <-> flat list of tensors -------------------------------------------------------------------------
 
@@ -149,68 +155,112 @@ class Received:
 
 
 class P2P:
-    """Sends and receives stage messages to and from global ranks, keeping the handles of pending sends."""
+    """Sends and receives stage messages to and from global ranks, keeping the handles of pending sends.
 
-    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+    Each operation carries a label ("the activation of micro-batch 3"): a failed or timed-out operation raises a
+    :class:`PipelineError` naming this rank, the label, the direction and the peer (and, with a ``watch``, the
+    first failure another rank reported, which is usually the cause).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        group: dist.ProcessGroup | None = None,
+        watch: FailureWatch | None = None,
+        describe: Callable[[int], str] = lambda rank: f"rank {rank}",
+    ) -> None:
         self.device = device
         self.group = group
-        self._pending: list[Any] = []
+        self.watch = watch
+        self.describe = describe
+        self._pending: list[tuple[Any, Tensor, int, str]] = []
 
     # forward direction -----------------------------------------------------------------------------------------
-    def send_activation(self, value: Any, dst: int) -> list[Tensor]:
+    def send_activation(self, value: Any, dst: int, label: str = "an activation") -> list[Tensor]:
         """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back)."""
         tensors, spec = flatten(value)
         metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
         for frame in encode_frames(pickle.dumps((spec, metas)), self.device):
-            self._isend(frame, dst)
+            self._isend(frame, dst, label)
         for t in tensors:
-            self._isend(t.detach().contiguous(), dst)
+            self._isend(t.detach().contiguous(), dst, label)
         return tensors
 
-    def recv_activation(self, src: int) -> Received:
+    def recv_activation(self, src: int, label: str = "an activation") -> Received:
         """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
         first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-        self._recv(first, src)
+        self._recv(first, src, label)
         rest = None
         if frame_overflow(first):
             rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
-            self._recv(rest, src)
+            self._recv(rest, src, label)
         spec, metas = pickle.loads(decode_frames(first, rest))
         tensors = []
         for meta in metas:
             t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            self._recv(t, src)
+            self._recv(t, src, label)
             tensors.append(t.requires_grad_(meta.requires_grad and torch.is_grad_enabled()))
         return Received(unflatten(spec, tensors), tensors, metas)
 
     # backward direction ----------------------------------------------------------------------------------------
-    def send_grads(self, received: Received, dst: int) -> None:
+    def send_grads(self, received: Received, dst: int, label: str = "a gradient") -> None:
         """Send the gradients of the received leaves that needed one (zeros where none arrived)."""
         for t, meta in zip(received.tensors, received.metas):
             if meta.requires_grad:
                 grad = t.grad if t.grad is not None else torch.zeros_like(t)
-                self._isend(grad.contiguous(), dst)
+                self._isend(grad.contiguous(), dst, label)
 
-    def recv_grads(self, sent: list[Tensor], src: int) -> tuple[list[Tensor], list[Tensor]]:
+    def recv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> tuple[list[Tensor], list[Tensor]]:
         """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward."""
         outputs, grads = [], []
         for t in sent:
             if t.requires_grad:
                 g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                self._recv(g, src)
+                self._recv(g, src, label)
                 outputs.append(t)
                 grads.append(g)
         return outputs, grads
 
     # plumbing --------------------------------------------------------------------------------------------------
-    def _isend(self, tensor: Tensor, dst: int) -> None:
-        self._pending.append((dist.isend(tensor, dst, group=self.group), tensor))
+    def _isend(self, tensor: Tensor, dst: int, label: str) -> None:
+        try:
+            work = dist.isend(tensor, dst, group=self.group)
+        except RuntimeError as err:
+            raise self._error("send", label, dst, err) from err
+        self._pending.append((work, tensor, dst, label))
 
-    def _recv(self, tensor: Tensor, src: int) -> None:
-        dist.recv(tensor, src, group=self.group)
+    def _recv(self, tensor: Tensor, src: int, label: str) -> None:
+        with self._waiting(src, f"receive {label}"):
+            try:
+                dist.recv(tensor, src, group=self.group)
+            except RuntimeError as err:
+                raise self._error("receive", label, src, err) from err
 
     def wait_sends(self) -> None:
         """Block until every send posted so far has completed (their buffers may then be freed)."""
-        for work, _ in self._pending:
-            work.wait()
+        for work, _, dst, label in self._pending:
+            with self._waiting(dst, f"send {label}"):
+                try:
+                    work.wait()
+                except RuntimeError as err:
+                    raise self._error("send", label, dst, err) from err
         self._pending.clear()
+
+    def _waiting(self, peer: int, what: str) -> contextlib.AbstractContextManager:
+        return self.watch.waiting(peer, what) if self.watch is not None else contextlib.nullcontext()
+
+    def _error(self, direction: str, label: str, peer: int, err: BaseException) -> PipelineError:
+        me = self.describe(dist.get_rank()) if dist.is_initialized() else "this rank"
+        where = "from" if direction == "receive" else "to"
+        cause = self.watch.failure() if self.watch is not None else None
+        if cause:
+            reason = f"{cause[0].upper()}{cause[1:]}."
+        elif "timed out" in str(err).lower():
+            reason = (
+                "That rank is stuck or much slower than this one; if its step legitimately takes this long, raise"
+                " ModelParallel(timeout=...)."
+            )
+        else:
+            reason = "That rank failed or was stopped: its own output says why."
+        detail = str(err).strip().rstrip(".")
+        return PipelineError(f"{me} could not {direction} {label} {where} {self.describe(peer)}: {detail}. {reason}")

@@ -73,7 +73,7 @@ class PipelineExecutor:
                         if loss is not None:
                             in_flight[action.microbatch].loss = loss * loss_weights[action.microbatch]
                 else:
-                    self._backward(in_flight.pop(action.microbatch), stats)
+                    self._backward(action.microbatch, in_flight.pop(action.microbatch), stats)
             self.p2p.wait_sends()
             self.runtime.check_no_bypass()
         finally:
@@ -86,7 +86,7 @@ class PipelineExecutor:
         item = _InFlight()
         if self.prev_rank is not None:
             t0 = time.perf_counter()
-            item.received = self.p2p.recv_activation(self.prev_rank)
+            item.received = self.p2p.recv_activation(self.prev_rank, f"the activation of micro-batch {index}")
             stats.wait += time.perf_counter() - t0
         t0 = time.perf_counter()
         self.runtime.begin_forward(item.received)
@@ -103,24 +103,26 @@ class PipelineExecutor:
         if self.runtime.is_last:
             result.outputs[index] = output
         else:
-            item.sent = self.p2p.send_activation(captured, self.next_rank)  # type: ignore[arg-type]
+            label = f"the activation of micro-batch {index}"
+            item.sent = self.p2p.send_activation(captured, self.next_rank, label)  # type: ignore[arg-type]
         return item
 
-    def _backward(self, item: _InFlight, stats: StepStats) -> None:
+    def _backward(self, index: int, item: _InFlight, stats: StepStats) -> None:
+        label = f"the gradient of micro-batch {index}"
         if self.runtime.is_last:
             t0 = time.perf_counter()
             if item.loss is not None and item.loss.requires_grad:
                 item.loss.backward()
         else:
             t0 = time.perf_counter()
-            outputs, grads = self.p2p.recv_grads(item.sent, self.next_rank)  # type: ignore[arg-type]
+            outputs, grads = self.p2p.recv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
             stats.wait += time.perf_counter() - t0
             t0 = time.perf_counter()
             if outputs:
                 torch.autograd.backward(outputs, grads)
         stats.busy += time.perf_counter() - t0
         if item.received is not None:
-            self.p2p.send_grads(item.received, self.prev_rank)  # type: ignore[arg-type]
+            self.p2p.send_grads(item.received, self.prev_rank, label)  # type: ignore[arg-type]
 
 
 def _loss_of(output: Any) -> Tensor | None:

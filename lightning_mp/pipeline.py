@@ -43,6 +43,7 @@ class PipelineRunner:
         schedule: "gpipe", "1f1b" or "none".
         microbatches: micro-batches per step (fewer when the batch has fewer samples).
         monitor: log per-stage utilization and the bubble each step, and advise a better split when imbalanced.
+        p2p: the messenger to the neighbouring stages (one without a failure watch by default).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class PipelineRunner:
         microbatches: int,
         device: torch.device,
         monitor: bool = True,
+        p2p: P2P | None = None,
     ) -> None:
         self.module = module
         self.runtime = runtime
@@ -66,7 +68,7 @@ class PipelineRunner:
         stage = runtime.stage
         self.executor = PipelineExecutor(
             runtime,
-            P2P(device),
+            p2p or P2P(device),
             prev_rank=self.pp_ranks[stage - 1] if stage > 0 else None,
             next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
         )

@@ -29,6 +29,7 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.distributed.distributed_c10d import _get_default_store
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -39,7 +40,7 @@ from lightning_mp.checkpoint import (
     merge_optimizer_states,
     named_optimizer_state,
 )
-from lightning_mp.comm import broadcast_object
+from lightning_mp.comm import P2P, broadcast_object
 from lightning_mp.errors import LayoutError, ModelSplitError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
@@ -48,6 +49,7 @@ from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
 from lightning_mp.profiling import LayerCosts
 from lightning_mp.rebalance import move_layers
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
+from lightning_mp.watchdog import FailureWatch
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,9 @@ class ModelParallel(ParallelStrategy):
         layers: dotted name of the container of blocks to split (e.g. "model.transformer.h"); found automatically
             when None: the ``nn.ModuleList`` of same-class blocks or ``nn.Sequential`` holding the most parameters.
         process_group_backend: "gloo" on CPU and "nccl" on GPU by default.
-        timeout: for collectives and point-to-point receives.
+        timeout: for collectives and point-to-point messages (a ``timedelta`` or seconds). A point-to-point wait
+            longer than this ends every rank with a message naming the rank, stage, micro-batch, direction and
+            peer. A rank that raises or dies ends the others within seconds whatever this is (see ``watchdog``).
         start_method: "popen" (re-run the script per rank, like DDP), "spawn" or "fork".
         pipeline_metrics: log each stage's busy time, waiting time and utilization and the bubble every training
             step (``pipeline/...``), and warn with a better ``balance`` when the stages are measurably imbalanced.
@@ -110,7 +114,7 @@ class ModelParallel(ParallelStrategy):
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: Union[timedelta, float, None] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork"] = "popen",
         pipeline_metrics: bool = True,
         rebalance: bool = False,
@@ -133,7 +137,7 @@ class ModelParallel(ParallelStrategy):
         self.balance = balance if isinstance(balance, str) else list(balance)
         self.layers = layers
         self._process_group_backend = process_group_backend
-        self._timeout = timeout
+        self._timeout = timedelta(seconds=timeout) if isinstance(timeout, (int, float)) else timeout
         self._start_method = start_method
         self.pipeline_metrics = pipeline_metrics
         self.rebalance = rebalance
@@ -153,6 +157,7 @@ class ModelParallel(ParallelStrategy):
         self.plan: Optional[StagePlan] = None
         self._runner: Optional[PipelineRunner] = None
         self._stash = GradStash()
+        self._watch: Optional[FailureWatch] = None
         self._shared_groups: list[tuple[list[torch.nn.Parameter], Any]] = []
         self._norm_skip: set[int] = set()  # tied copies counted on another stage
 
@@ -227,9 +232,23 @@ class ModelParallel(ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        self._start_failure_watch()
         self._mesh = layout.build_mesh(self.root_device.type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._mesh
+
+    def _start_failure_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        seconds = (self._timeout or default_pg_timeout).total_seconds()
+        # gloo raises at the process-group timeout itself (with the P2P label); the watch is the backstop (NCCL)
+        self._watch = FailureWatch(_get_default_store(), self.global_rank, self.describe_rank, seconds + 5.0)
+        self._watch.start()
+
+    def describe_rank(self, rank: int) -> str:
+        """A global rank as messages name it: "rank 3 (stage 1)", with the data-parallel replica when dp > 1."""
+        dp, pp, _ = self.layout.coords(rank)
+        return f"rank {rank} (stage {pp}" + (f", replica {dp})" if self.layout.dp > 1 else ")")
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -298,6 +317,7 @@ class ModelParallel(ParallelStrategy):
             self.microbatches,
             self.root_device,
             monitor=self.pipeline_metrics,
+            p2p=P2P(self.root_device, watch=self._watch, describe=self.describe_rank),
         )
         self._setup_shared_parameters(module, runtime)
 
@@ -542,7 +562,15 @@ class ModelParallel(ParallelStrategy):
     # ---- failure and teardown -----------------------------------------------------------------------------------
     @override
     def on_exception(self, exception: BaseException) -> None:
-        # A rank that fails leaves its peers blocked in a receive: end them now instead of at the timeout.
+        # A rank that fails leaves its peers blocked in a receive: tell them (they end within seconds), name this
+        # rank in its own traceback, and on the launching rank end the processes it started.
+        if self._layout is not None and dist.is_initialized():
+            me = self.describe_rank(self.global_rank)
+            if hasattr(exception, "add_note"):
+                exception.add_note(f"lightning-mp: raised on {me}")
+            if self._watch is not None and not isinstance(exception, KeyboardInterrupt):
+                summary = f"{type(exception).__name__}: {exception}".splitlines()[0][:500]
+                self._watch.report(f"{me} failed: {summary}")
         if isinstance(self._launcher, _SubprocessScriptLauncher) and self.global_rank == 0:
             import signal
 
@@ -551,6 +579,9 @@ class ModelParallel(ParallelStrategy):
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()

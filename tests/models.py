@@ -276,7 +276,7 @@ class CallsABlockTwice(SequentialNet):
 
 
 class FailsMidTraining(TinyGPT):
-    """Rank ``rank`` dies (``os._exit``) or raises at training step ``step``."""
+    """Rank ``rank`` exits (``os._exit``), is killed (SIGKILL), hangs, or raises at training step ``step``."""
 
     def __init__(self, rank: int = 1, step: int = 2, mode: str = "exit", **kw: Any) -> None:
         super().__init__(**kw)
@@ -284,10 +284,16 @@ class FailsMidTraining(TinyGPT):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.fail_rank and batch_idx == self.fail_step:
-            if self.fail_mode == "exit":
-                import os
+            import os
+            import signal
+            import time
 
+            if self.fail_mode == "exit":
                 os._exit(3)
+            if self.fail_mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.fail_mode == "hang":
+                time.sleep(600)
             raise RuntimeError("injected failure")
         return super().training_step(batch, batch_idx)
 

@@ -1,0 +1,149 @@
+"""Failing fast across ranks: when one rank fails, every rank stops within seconds and says which rank failed and why.
+
+A pipeline stage spends much of its step blocked in a receive from its neighbour. If that neighbour raised, was
+killed, or hangs, the receive returns only when the transport notices (gloo: at once for a closed connection;
+NCCL: at the process-group timeout, 30 minutes by default). ``FailureWatch`` is a daemon thread per rank that uses
+the rendezvous store every rank already shares:
+
+- a rank whose step raises posts "rank r (stage s) failed: <error>" under one key (the first failure wins);
+  every other rank's watch sees it within ``poll`` seconds, prints it and exits with status 1;
+- each watch bumps a heartbeat counter; a rank blocked on a peer whose heartbeat has stopped for ``dead_after``
+  seconds (the peer's process is gone, e.g. SIGKILL) ends with a message naming the peer;
+- a point-to-point wait longer than ``timeout`` ends the rank with a message naming the rank, stage, micro-batch,
+  direction and peer, and posts it so that the others end too.
+
+Liveness is judged only while this rank is blocked on a peer, so a peer that finished its last step early is never
+taken for dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+FAILURE_KEY = "lightning_mp/failure"
+HEARTBEAT_KEY = "lightning_mp/heartbeat/{rank}"
+
+
+class FailureWatch:
+    """Watches for other ranks' failures and for this rank's stuck point-to-point waits.
+
+    Args:
+        store: the rendezvous store shared by all ranks (``torch.distributed`` ``Store``).
+        rank: this process's global rank.
+        describe: names a global rank for messages, e.g. ``"rank 1 (stage 1)"``.
+        timeout: seconds a point-to-point wait may last.
+        poll: seconds between two looks at the store.
+        dead_after: seconds without a heartbeat after which a peer this rank waits on is taken for dead.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        describe: Callable[[int], str],
+        timeout: float,
+        poll: float = 0.5,
+        dead_after: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.describe = describe
+        self.timeout = timeout
+        self.poll = poll
+        self.dead_after = dead_after
+        self._waiting: tuple[int, str, float] | None = None  # (peer, what, since)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._beats: dict[int, tuple[int, float]] = {}  # peer -> (last counter seen, when it last changed)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lightning-mp-failure-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.poll)
+            self._thread = None
+
+    @contextlib.contextmanager
+    def waiting(self, peer: int, what: str) -> Iterator[None]:
+        """Mark this rank as blocked on ``peer`` for ``what`` (e.g. "receive the activation of micro-batch 3")."""
+        self._waiting = (peer, what, time.monotonic())
+        try:
+            yield
+        finally:
+            self._waiting = None
+
+    def report(self, message: str) -> None:
+        """Post this rank's failure for the others (kept only if no rank failed before)."""
+        with contextlib.suppress(Exception):
+            self.store.compare_set(FAILURE_KEY, "", message)
+
+    def failure(self) -> str | None:
+        """The first failure any rank posted, or None."""
+        try:
+            if self.store.check([FAILURE_KEY]):
+                return self.store.get(FAILURE_KEY).decode()
+        except Exception:  # the store is gone with rank 0: nothing to read
+            return None
+        return None
+
+    # the thread ---------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        key = HEARTBEAT_KEY.format(rank=self.rank)
+        while not self._stop.wait(self.poll):
+            try:
+                self.store.add(key, 1)
+                posted = self.failure()
+                if posted is not None and not posted.startswith(f"rank {self.rank} "):
+                    self._abort(f"stopping because {posted}")
+            except Exception:  # the store is unreachable (rank 0 ended): judge by the wait below
+                pass
+            self._check_wait()
+
+    def _check_wait(self) -> None:
+        waiting = self._waiting
+        if waiting is None:
+            return
+        peer, what, since = waiting
+        waited = time.monotonic() - since
+        me = self.describe(self.rank)
+        if waited > self.timeout:
+            message = (
+                f"{me} waited {waited:.0f} s to {what} from {self.describe(peer)} (timeout={self.timeout:.0f} s):"
+                " that rank is stuck or much slower; raise ModelParallel(timeout=...) if its step legitimately"
+                " takes this long."
+            )
+            self.report(f"{me} failed: {message}")
+            self._abort(message)
+        if waited > self.dead_after and not self._alive(peer):
+            message = (
+                f"{me} is waiting to {what} from {self.describe(peer)}, whose process has stopped responding for"
+                f" {self.dead_after:.0f} s (killed, out of memory, or its machine is gone)."
+            )
+            self.report(f"{me} failed: {message}")
+            self._abort(message)
+
+    def _alive(self, peer: int) -> bool:
+        now = time.monotonic()
+        try:
+            count = int(self.store.add(HEARTBEAT_KEY.format(rank=peer), 0))
+        except Exception:  # no store: rank 0 hosted it and is gone; a peer other than 0 cannot be judged
+            return peer != 0
+        last = self._beats.get(peer)
+        if last is None or last[0] != count:
+            self._beats[peer] = (count, now)
+            return True
+        return now - last[1] < self.dead_after
+
+    def _abort(self, message: str) -> None:
+        sys.stderr.write(f"[rank{self.rank}] lightning-mp: {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
