@@ -90,7 +90,10 @@ def check_explicit_balance(balance: Sequence[int], num_layers: int, num_stages: 
             f" give one layer count per stage, e.g. balance={uniform_balance(num_layers, num_stages)}."
         )
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
-        raise ModelSplitError(f"balance={counts}: every stage needs a positive int number of layers.")
+        raise ModelSplitError(
+            f"balance={counts}: every stage needs a positive int number of layers, e.g."
+            f" balance={uniform_balance(num_layers, num_stages)}."
+        )
     if sum(counts) != num_layers:
         raise ModelSplitError(
             f"balance={counts} sums to {sum(counts)} but the model has {num_layers} layers:"

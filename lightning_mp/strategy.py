@@ -44,6 +44,7 @@ from lightning_mp.comm import P2P, broadcast_object
 from lightning_mp.errors import LayoutError, ModelSplitError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
+from lightning_mp.microbatch import batch_size_of
 from lightning_mp.pipeline import PipelineRunner
 from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
 from lightning_mp.profiling import LayerCosts
@@ -158,6 +159,7 @@ class ModelParallel(ParallelStrategy):
         self._runner: Optional[PipelineRunner] = None
         self._stash = GradStash()
         self._watch: Optional[FailureWatch] = None
+        self._batch_checked = False
         self._shared_groups: list[tuple[list[torch.nn.Parameter], Any]] = []
         self._norm_skip: set[int] = set()  # tied copies counted on another stage
 
@@ -398,6 +400,8 @@ class ModelParallel(ParallelStrategy):
         assert self._runner is not None and self.lightning_module is not None
         module = self.lightning_module
         accumulate = module.trainer.accumulate_grad_batches if module._trainer is not None else 1
+        if not self._batch_checked:
+            self._check_first_batch(args[0])
         self._stash.begin(p for p in module.parameters() if p.requires_grad)
         try:
             with self.precision_plugin.train_step_context():
@@ -405,6 +409,18 @@ class ModelParallel(ParallelStrategy):
         finally:
             self._stash.end()
         return loss
+
+    def _check_first_batch(self, batch: Any) -> None:
+        """An explicit ``microbatches`` above the (first, full) batch size is a configuration error; a short last
+        batch later just gets fewer micro-batches. The same on every rank, before any message is sent."""
+        self._batch_checked = True
+        size = batch_size_of(batch)
+        m = self._microbatches
+        if isinstance(m, int) and self.schedule != "none" and size is not None and size < m:
+            raise ValueError(
+                f"microbatches={m} is larger than the batch of {size} samples: each micro-batch needs at least one"
+                f" sample. Use microbatches<={size} (or 'auto'), or a batch size of at least {m}."
+            )
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:

@@ -28,12 +28,16 @@ class Recorder(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.metrics: list[dict[str, float]] = []
+        self.rss: list[int] = []  # resident bytes after each step (Linux)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        statm = Path("/proc/self/statm")
+        if statm.exists():
+            self.rss.append(int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
 def run_job(job: dict[str, Any], out_dir: Path) -> None:
@@ -87,6 +91,7 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     predictions = trainer.predict(model, model.val_dataloader()) if job.get("predict") else None
     result = {
         "losses": recorder.losses,
+        "rss": recorder.rss,
         "metrics": recorder.metrics,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},

@@ -38,6 +38,10 @@ def _job(model: str, strategy: dict[str, Any] | None = None, **model_kwargs: Any
             r"world size 2 \(devices × nodes\) is not divisible by pipeline_parallel_size\(3\)",
         ),
         ({**_job("sequential"), "meta": True}, r"parameters of SequentialNet are on the meta device"),
+        (
+            _job("sequential", {"pipeline_parallel_size": 2, "microbatches": 16}),
+            r"microbatches=16 is larger than the batch of 8 samples.*Use microbatches<=8",
+        ),
     ],
     ids=[
         "no-blocks",
@@ -48,6 +52,7 @@ def _job(model: str, strategy: dict[str, Any] | None = None, **model_kwargs: Any
         "bad-layers",
         "bad-layout",
         "weights-on-meta",
+        "more-microbatches-than-samples",
     ],
 )
 def test_bad_input_fails_fast_with_the_fix(tmp_path: Path, job: dict[str, Any], message: str) -> None:
