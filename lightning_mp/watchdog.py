@@ -48,7 +48,7 @@ class FailureWatch:
         rank: int,
         describe: Callable[[int], str],
         timeout: float,
-        poll: float = 0.5,
+        poll: float = 1.0,
         dead_after: float = 10.0,
     ) -> None:
         self.store = store
