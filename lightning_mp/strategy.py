@@ -129,7 +129,7 @@ class ModelParallel(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        _check_options(tensor_parallel_size, microbatches, schedule, balance, start_method)
+        _check_options(tensor_parallel_size, microbatches, schedule, balance, start_method, pipeline_parallel_size)
         self._pp_size = pipeline_parallel_size
         self._tp_size = tensor_parallel_size
         self._dp_size = data_parallel_size
@@ -609,8 +609,14 @@ class ModelParallel(ParallelStrategy):
 
 
 def _check_options(
-    tensor_parallel_size: int, microbatches: Any, schedule: str, balance: Any, start_method: str
+    tensor_parallel_size: int,
+    microbatches: Any,
+    schedule: str,
+    balance: Any,
+    start_method: str,
+    pipeline_parallel_size: Any,
 ) -> None:
+    """What can be checked before any process starts: names, types, and a balance list against the stage count."""
     if tensor_parallel_size != 1:
         if isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
             raise NotImplementedError(
@@ -632,5 +638,10 @@ def _check_options(
             )
     elif not isinstance(balance, Sequence):
         raise ValueError(f"balance={balance!r} is invalid: use 'uniform', 'params' or a list of layer counts.")
+    elif isinstance(pipeline_parallel_size, int) and len(balance) != pipeline_parallel_size:
+        raise ValueError(
+            f"balance={list(balance)} has {len(balance)} entries but pipeline_parallel_size={pipeline_parallel_size}:"
+            " give one layer count per stage."
+        )
     if start_method not in ("popen", "spawn", "fork"):
         raise ValueError(f"start_method={start_method!r} is invalid: choose popen, spawn or fork.")

@@ -33,6 +33,12 @@ def test_tensor_parallel_is_not_silently_ignored() -> None:
         ({"microbatches": 0}, "microbatches=0"),
         ({"balance": "fastest"}, "balance='fastest' is not supported"),
         ({"start_method": "x"}, "start_method"),
+        (
+            {"pipeline_parallel_size": 2, "balance": [1, 2, 3]},
+            r"balance=\[1, 2, 3\] has 3 entries but pipeline_parallel",
+        ),
+        ({"rebalance_every": 0}, "rebalance_every=0 is invalid"),
+        ({"rebalance_every": "weekly"}, "rebalance_every='weekly' is invalid"),
     ],
 )
 def test_bad_options(kwargs: dict, message: str) -> None:
