@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,13 +118,11 @@ def profile_layers(
     counter = FlopCounterMode(display=False) if on_meta else None
     clock = (lambda: float(counter.get_total_flops())) if counter is not None else time.perf_counter
     warmups, repeats = (0, 1) if on_meta else (2, repeats)
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     grads = {p: p.grad for p in module.parameters()}
     param_storages = {_storage_id(p) for p in module.parameters()}
     runs = []
-    try:
+    with preserved_random_state(), _restored(module, buffers, grads):
         for attempt in range(repeats + warmups):  # warm-up runs: allocator and kernels settle
             for p in grads:
                 p.grad = None
@@ -133,15 +133,6 @@ def profile_layers(
                     modes.enter_context(_MetaScalars())
                 run = _one_run(layers, run_step, rec)
             runs.append(run if attempt >= warmups else None)
-    finally:
-        for p, g in grads.items():
-            p.grad = g
-        with torch.no_grad():
-            for n, b in module.named_buffers():
-                b.copy_(buffers[n])
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     runs = [r for r in runs if r is not None]
     scale = 1.0 / matmul_flops_per_second() if on_meta else 1.0
     median = lambda values: scale * statistics.median(values)  # noqa: E731
@@ -155,6 +146,40 @@ def profile_layers(
         post_activation_bytes=runs[-1][3][n + 1],
         layer_output_bytes=runs[-1][4],
     )
+
+
+@contextlib.contextmanager
+def preserved_random_state(*generators: torch.Generator) -> Iterator[None]:
+    """Leave the global random states (torch, CUDA, ``random``, NumPy) and ``generators`` as they were found."""
+    states = (torch.get_rng_state(), random.getstate(), [g.get_state() for g in generators])
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    np_random = sys.modules.get("numpy.random")
+    np_state = np_random.get_state() if np_random is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        for g, state in zip(generators, states[2]):
+            g.set_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if np_random is not None:
+            np_random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _restored(
+    module: nn.Module, buffers: dict[str, Tensor], grads: dict[nn.Parameter, Tensor | None]
+) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                b.copy_(buffers[n])
 
 
 class _MetaScalars(TorchDispatchMode):

@@ -43,19 +43,20 @@ from lightning_mp.checkpoint import (
 from lightning_mp.comm import P2P, broadcast_object
 from lightning_mp.errors import LayoutError, ModelSplitError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
+from lightning_mp.launcher import HydraJobLauncher, hydra_multirun
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.microbatch import batch_size_of
+from lightning_mp.partition import BALANCE_CHOICES
 from lightning_mp.pipeline import PipelineRunner
 from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
-from lightning_mp.profiling import LayerCosts
+from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
+from lightning_mp.schedules import SCHEDULE_CHOICES
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
 from lightning_mp.watchdog import FailureWatch
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_CHOICES = ("gpipe", "1f1b", "none")
-BALANCE_CHOICES = ("uniform", "params", "time", "memory")
 _EVAL_HOOKS = {
     TrainerFn.VALIDATING: "validation_step",
     TrainerFn.TESTING: "test_step",
@@ -220,7 +221,7 @@ class ModelParallel(ParallelStrategy):
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             if not self.cluster_environment.creates_processes_externally:
-                self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+                self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
 
@@ -362,7 +363,10 @@ class ModelParallel(ParallelStrategy):
             TrainerFn.PREDICTING: trainer.predict_loop,
         }[trainer.state.fn]
         try:
-            batch = next(iter(loop._data_source.dataloader()))
+            loader = loop._data_source.dataloader()
+            # taking a batch must not change what training sees: a shuffling sampler draws its order from these
+            with preserved_random_state(*_generators_of(loader)):
+                batch = next(iter(loader))
         except Exception as err:  # any failure of the user's dataloader hook means: no batch to measure
             return None, f"{type(err).__name__}: {err}"
         return self.batch_to_device(batch, self.root_device), None
@@ -598,6 +602,11 @@ class ModelParallel(ParallelStrategy):
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+        if hydra_multirun():  # the next job of the sweep starts its own processes and process group
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if isinstance(self._launcher, HydraJobLauncher):
+                self._launcher.restore_environment()
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
@@ -645,3 +654,18 @@ def _check_options(
         )
     if start_method not in ("popen", "spawn", "fork"):
         raise ValueError(f"start_method={start_method!r} is invalid: choose popen, spawn or fork.")
+
+
+def _generators_of(loader: Any) -> list[torch.Generator]:
+    """The random generators a DataLoader (and its sampler, batch sampler) draws from."""
+    owners = [
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ]
+    found: list[torch.Generator] = []
+    for owner in owners:
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found

@@ -50,10 +50,12 @@ class Base(L.LightningModule):
         lr: float = 0.1,
         optimizer: str = "sgd",
         lengths: tuple[int, ...] = (8, 12, 6),
+        shuffle: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size, self.n, self.lr, self.optimizer_name = batch_size, n, lr, optimizer
         self.lengths = tuple(lengths)
+        self.shuffle = shuffle  # None, "global" (the global torch RNG) or "generator" (a seeded DataLoader generator)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "adamw":
@@ -66,7 +68,8 @@ class Base(L.LightningModule):
         return TokenData(self.n, self.batch_size, self.lengths, seed=seed)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset(0), batch_size=self.batch_size, shuffle=False)
+        generator = torch.Generator().manual_seed(7) if self.shuffle == "generator" else None
+        return DataLoader(self.dataset(0), batch_size=self.batch_size, shuffle=bool(self.shuffle), generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset(1), batch_size=self.batch_size, shuffle=False)

@@ -257,3 +257,20 @@ def test_measured_balances_train_to_the_same_numbers(pp2: Path, model: str, bala
     ref = load_result(pp2, f"ref-{model}", 0)
     for rank in range(2):
         assert_matches_reference(ref, load_result(pp2, f"pp2-{model}-{balance}", rank))
+
+
+def test_measuring_the_first_batch_leaves_a_shuffled_order_alone(tmp_path: Path) -> None:
+    """balance="time" takes a batch on rank 0 at set-up; a shuffling DataLoader must still give every stage, and a
+    one-process run, the same order (the global RNG and a DataLoader's own generator are left as they were)."""
+    jobs = []
+    for shuffle in ("global", "generator"):
+        kw = {"batch_size": 4, "n": 24, "lengths": [8], "shuffle": shuffle}
+        jobs.append({"name": f"ref-{shuffle}", "model": "gpt", "model_kwargs": kw})
+        strategy = {"pipeline_parallel_size": 2, "balance": "time", "microbatches": 2}
+        jobs.append({"name": f"pp2-{shuffle}", "model": "gpt", "model_kwargs": kw, "devices": 2, "strategy": strategy})
+    proc = run_harness(jobs, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for shuffle in ("global", "generator"):
+        ref = load_result(tmp_path, f"ref-{shuffle}", 0)
+        for rank in range(2):
+            assert_matches_reference(ref, load_result(tmp_path, f"pp2-{shuffle}", rank))
