@@ -10,6 +10,7 @@ At the end it prints steps/s, each stage's busy time and the stage plan.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -18,8 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +28,7 @@ import lightning_mp  # registers "model_parallel"
 from examples.gpt import GPT, GPTConfig
 from examples.text_data import ByteWindows, python_docs_text
 from lightning_mp.callbacks import PipelineSummary
+from lightning_mp.config import build_strategy, check_strategy_config
 
 
 @hydra.main(config_path="../conf", config_name="quickstart", version_base="1.3")
@@ -41,9 +42,8 @@ def main(cfg: DictConfig) -> None:
     m = cfg.model
     model = GPT(GPTConfig(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, block_size=m.block_size), lr=m.lr)
     if cfg.dry_run:  # the plan only: no processes, no training
-        strategy_args = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k != "_target_"}
-        for unused in ("start_method", "pipeline_metrics", "rebalance", "rebalance_every"):  # training only
-            strategy_args.pop(unused, None)
+        planned = inspect.signature(lightning_mp.dry_run).parameters  # the settings that shape the plan
+        strategy_args = {k: v for k, v in check_strategy_config(cfg.strategy).items() if k in planned}
         batch = next(iter(DataLoader(train, batch_size=cfg.data.batch_size)))
         plan, report = lightning_mp.dry_run(model, batch, devices=cfg.trainer.devices, **strategy_args)
         print(plan.format())
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> None:
         out.write_text(json.dumps(report, indent=2))
         print(f"plan written to {out}")
         return
-    trainer = L.Trainer(strategy=instantiate(cfg.strategy), callbacks=[PipelineSummary()], **cfg.trainer)
+    trainer = L.Trainer(strategy=build_strategy(cfg.strategy), callbacks=[PipelineSummary()], **cfg.trainer)
     trainer.fit(
         model,
         DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True),

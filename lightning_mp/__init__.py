@@ -9,6 +9,7 @@
     trainer = L.Trainer(strategy=lightning_mp.ModelParallel(pipeline_parallel_size=2, schedule="1f1b"), devices=2)
 """
 
+from lightning_mp.config import ModelParallelConfig, build_strategy, register_configs
 from lightning_mp.dry_run import dry_run
 from lightning_mp.errors import LayoutError, ModelSplitError, PipelineError
 from lightning_mp.layout import ParallelLayout
@@ -19,12 +20,15 @@ from lightning_mp.strategy import ModelParallel
 __all__ = [
     "LayoutError",
     "ModelParallel",
+    "ModelParallelConfig",
     "ModelSplitError",
     "ParallelLayout",
     "PipelineError",
     "build_plan",
+    "build_strategy",
     "dry_run",
 ]
 __version__ = "0.1.0"
 
 register()
+register_configs()

@@ -51,10 +51,12 @@ class PipelineSummary(L.Callback):
                 row["rank"], row["stage"] = int(row["rank"]), int(row["stage"])
         times = self.step_times[self.skip :] or self.step_times
         step_s = sum(times) / max(len(times), 1)
+        shares = [r["busy_s"] / r["wall_s"] for r in rows if r["wall_s"]]
         self.summary = {
             "steps": len(self.step_times),
             "steps_per_s": 1.0 / step_s if step_s else 0.0,
             "step_s": step_s,
+            "bubble": 1.0 - sum(shares) / len(shares) if shares else None,  # idle share of the stages' step time
             "ranks": rows,
         }
         plan = getattr(strategy, "plan", None)

@@ -10,21 +10,30 @@ import importlib.util
 import sys
 from types import ModuleType
 
-_MODULE_NAME = "lightning_mp._pytorch_lightning_strategy"
+_PREFIX = "lightning_mp._pytorch_lightning_"
+_REWRITTEN = ("launcher", "strategy")  # the modules that subclass Lightning classes, dependencies first
 
 
 def pytorch_lightning_strategy_module() -> ModuleType:
     """``lightning_mp.strategy`` compiled against ``pytorch_lightning`` and ``lightning_fabric``."""
-    if _MODULE_NAME in sys.modules:
-        return sys.modules[_MODULE_NAME]
-    spec = importlib.util.find_spec("lightning_mp.strategy")
+    for name in _REWRITTEN:
+        _rewritten(name)
+    return sys.modules[_PREFIX + "strategy"]
+
+
+def _rewritten(name: str) -> ModuleType:
+    if _PREFIX + name in sys.modules:
+        return sys.modules[_PREFIX + name]
+    spec = importlib.util.find_spec(f"lightning_mp.{name}")
     assert spec is not None and spec.origin is not None
     with open(spec.origin, encoding="utf-8") as f:
         source = f.read()
     source = source.replace("lightning.pytorch", "pytorch_lightning").replace("lightning.fabric", "lightning_fabric")
-    module = ModuleType(_MODULE_NAME)
+    for other in _REWRITTEN:
+        source = source.replace(f"from lightning_mp.{other} import", f"from {_PREFIX}{other} import")
+    module = ModuleType(_PREFIX + name)
     module.__file__ = spec.origin
-    sys.modules[_MODULE_NAME] = module
+    sys.modules[_PREFIX + name] = module
     exec(compile(source, spec.origin, "exec"), module.__dict__)
     return module
 

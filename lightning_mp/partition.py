@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 from lightning_mp.errors import ModelSplitError
 
+BALANCE_CHOICES: tuple[str, ...] = ("uniform", "params", "time", "memory")  # besides a list of layer counts
+
 
 class InfeasiblePartition(ModelSplitError):
     """No split satisfies the constraints (every split has an infinite stage cost)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 ScheduleName = Literal["gpipe", "1f1b", "none"]
+SCHEDULE_CHOICES: tuple[str, ...] = ("gpipe", "1f1b", "none")
 
 
 class Action(NamedTuple):

@@ -1,0 +1,128 @@
+"""``ModelParallel`` as a Hydra structured config, registered on import as ``strategy/model_parallel``.
+
+Any Hydra app can then put ``strategy: model_parallel`` in its defaults list (no YAML file of ours needed, so it
+works from a wheel) and override every argument: ``strategy.pipeline_parallel_size=4 strategy.balance=[5,3]``.
+OmegaConf rejects a misspelt key or a wrong scalar type when the config is composed; :func:`build_strategy` checks
+the values that OmegaConf cannot type (``int`` or ``"auto"``, lists, choices) and names the key and the allowed
+values, before any process starts::
+
+    @hydra.main(config_path=None, config_name="app", version_base="1.3")
+    def main(cfg):
+        trainer = L.Trainer(strategy=lightning_mp.config.build_strategy(cfg.strategy), **cfg.trainer)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lightning_mp.layout import parse_bytes
+from lightning_mp.partition import BALANCE_CHOICES
+from lightning_mp.schedules import SCHEDULE_CHOICES
+
+
+class ConfigError(ValueError):
+    """A configuration value that lightning-mp cannot use; the message names the key and the allowed values."""
+
+
+@dataclass
+class ModelParallelConfig:
+    """The arguments of :class:`lightning_mp.ModelParallel` (see its docstring for the full meaning)."""
+
+    _target_: str = "lightning_mp.ModelParallel"
+    pipeline_parallel_size: Any = "auto"  # stages: a positive int or "auto" (= world size / (dp · tp))
+    tensor_parallel_size: int = 1  # only 1 so far
+    data_parallel_size: Any = "auto"  # pipeline replicas: a positive int or "auto"
+    microbatches: Any = "auto"  # per batch: a positive int or "auto" (= 2 · pipeline_parallel_size)
+    schedule: str = "1f1b"  # gpipe | 1f1b | none
+    balance: Any = "time"  # time | memory | params | uniform | a list of layer counts per stage
+    layers: Optional[str] = None  # dotted path of the block container; None = found automatically
+    process_group_backend: Optional[str] = None  # None = gloo on CPU, nccl on GPU
+    timeout: float = 1800.0  # seconds a collective or point-to-point message may wait
+    start_method: str = "popen"  # popen | spawn | fork
+    pipeline_metrics: bool = True  # log per-stage utilization and bubble; advise a better balance
+    rebalance: bool = False  # move layers between stages while training when they are imbalanced
+    rebalance_every: Any = 50  # measured steps between rebalancing decisions (a positive int), or "epoch"
+    max_memory: Any = None  # bytes per stage: a number or "24GiB"; None = no limit
+
+
+def _positive_int_or(*words: str) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, int) and not isinstance(v, bool) and v > 0) or v in words
+
+
+def _balance_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return v in BALANCE_CHOICES
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(c, int) and not isinstance(c, bool) for c in v)
+
+
+def _bytes_ok(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return parse_bytes(v) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+# key -> (is the value allowed, what is allowed)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "pipeline_parallel_size": (_positive_int_or("auto"), "a positive int or auto"),
+    "tensor_parallel_size": (_positive_int_or(), "a positive int"),
+    "data_parallel_size": (_positive_int_or("auto"), "a positive int or auto"),
+    "microbatches": (_positive_int_or("auto"), "a positive int or auto"),
+    "schedule": (lambda v: v in SCHEDULE_CHOICES, " | ".join(SCHEDULE_CHOICES)),
+    "balance": (_balance_ok, " | ".join(BALANCE_CHOICES) + " | a list of layer counts per stage, e.g. [5,3]"),
+    "start_method": (lambda v: v in ("popen", "spawn", "fork"), "popen | spawn | fork"),
+    "rebalance_every": (_positive_int_or("epoch"), "a positive int (steps) or epoch"),
+    "max_memory": (_bytes_ok, 'null, a number of bytes, or a size such as "24GiB"'),
+    "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "seconds, > 0"),
+}
+
+
+def check_strategy_config(cfg: Mapping[str, Any], prefix: str = "strategy") -> dict[str, Any]:
+    """Return ``cfg`` as plain Python values, or raise :class:`ConfigError` naming the first bad key.
+
+    Raises:
+        ConfigError: an unknown key, or a value outside what the key allows ("strategy.schedule='zero' is invalid:
+            allowed: gpipe | 1f1b | none").
+    """
+    values = _plain(cfg)
+    known = set(ModelParallelConfig.__dataclass_fields__)
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key} is not a ModelParallel setting; the settings are: {sorted(known)}.")
+        rule = _RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{prefix}.{key}={value!r} is invalid: allowed: {rule[1]}.")
+    return values
+
+
+def build_strategy(cfg: Mapping[str, Any], prefix: str = "strategy") -> Any:
+    """Check ``cfg`` (a ``strategy`` config node) and build the :class:`~lightning_mp.ModelParallel` it describes."""
+    from lightning_mp.strategy import ModelParallel
+
+    values = check_strategy_config(cfg, prefix)
+    values.pop("_target_", None)
+    return ModelParallel(**values)
+
+
+def register_configs() -> None:
+    """Store ``ModelParallelConfig`` in Hydra's ConfigStore as ``strategy/model_parallel`` (when Hydra is there)."""
+    try:
+        from hydra.core.config_store import ConfigStore
+    except ImportError:  # Hydra is optional for the strategy itself
+        return
+    ConfigStore.instance().store(group="strategy", name="model_parallel", node=ModelParallelConfig)
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:
+        pass
+    return dict(cfg)
