@@ -88,11 +88,16 @@ def check_strategy_config(cfg: Mapping[str, Any], prefix: str = "strategy") -> d
         ConfigError: an unknown key, or a value outside what the key allows ("strategy.schedule='zero' is invalid:
             allowed: gpipe | 1f1b | none").
     """
-    values = _plain(cfg)
+    values = _plain(cfg, prefix)
     known = set(ModelParallelConfig.__dataclass_fields__)
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{prefix}.{key} is not a ModelParallel setting; the settings are: {sorted(known)}.")
+        if key == "balance" and value == "manual":
+            raise ConfigError(
+                f"{prefix}.balance=manual needs the layer counts per stage: add {prefix}.balance=[5,3] (one count per"
+                " stage, summing to the number of layers)."
+            )
         rule = _RULES.get(key)
         if rule is not None and not rule[0](value):
             raise ConfigError(f"{prefix}.{key}={value!r} is invalid: allowed: {rule[1]}.")
@@ -117,11 +122,16 @@ def register_configs() -> None:
     ConfigStore.instance().store(group="strategy", name="model_parallel", node=ModelParallelConfig)
 
 
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _plain(cfg: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     try:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
+            missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+            if missing:
+                raise ConfigError(
+                    f"{prefix}.{missing[0]} needs a value (it is ??? in the config): set it on the command line."
+                )
             return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except ImportError:
         pass

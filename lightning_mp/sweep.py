@@ -19,6 +19,7 @@ Enable it in the app's config::
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,8 @@ def _plot(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path | Non
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        logging.getLogger("matplotlib.category").setLevel(logging.WARNING)  # settings plot as categories
     except ImportError:
         return None
     rows = [{**r["settings"], **r} for r in rows]  # settings as top-level keys for the plot
