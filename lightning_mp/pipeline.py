@@ -147,7 +147,11 @@ class PipelineRunner:
         In training (``stats`` given) every stage's step statistics travel in the same collective and feed the
         monitor: per-stage utilization and bubble metrics, and balance advice.
         """
-        payload = (loss.detach() if loss is not None else None, records.combined()) if self.runtime.is_last else None
+        payload = (
+            (loss.detach() if loss is not None else None, records.combined(self.module))
+            if self.runtime.is_last
+            else None
+        )
         if stats is None or self.monitor is None:
             shared_loss, combined = self._from_last_stage(payload)
         else:

@@ -6,6 +6,12 @@ one process would log for the whole batch when the logged quantity is a per-samp
 the other stages, and replayed through the real ``LightningModule.log`` on every rank. So every rank logs the same
 keys (``sync_dist=True`` then reduces over the data-parallel replicas only, as the pipeline copies agree), and the
 progress bar and loggers on global rank 0, which runs the first stage, see the real values.
+
+A torchmetrics ``Metric`` logged as an object travels as its accumulated state (a :class:`MetricState`): every rank
+loads it into its own copy of the metric and logs the object, so the epoch value Lightning computes is the one of
+one process (the metric over every sample of the epoch), and the same on every rank. Its step value is the
+sample-weighted mean over the micro-batches (exact for means such as accuracy, close for F1 or perplexity). States
+are sent whole each step: cheap for the usual fixed-size states, growing through the epoch for "cat" states.
 """
 
 from __future__ import annotations
@@ -20,21 +26,70 @@ from torch import Tensor
 
 
 @dataclass
+class MetricState:
+    """A logged torchmetrics ``Metric``: where it lives in the module, its accumulated state, its step value."""
+
+    path: str
+    states: dict[str, Any]
+    update_count: int
+    step_value: float
+
+    @classmethod
+    def of(cls, metric: Any, path: str, step_value: float) -> MetricState:
+        states = {name: _detached(getattr(metric, name)) for name in metric._defaults}
+        return cls(path, states, metric._update_count, step_value)
+
+    def load_into(self, module: Any) -> Any:
+        """Give ``module``'s metric at ``path`` this state; return the metric."""
+        metric = module.get_submodule(self.path)
+        device = metric.device
+        for name, value in self.states.items():
+            setattr(metric, name, [v.to(device) for v in value] if isinstance(value, list) else value.to(device))
+        metric._update_count = self.update_count
+        metric._computed = None
+        metric._forward_cache = torch.tensor(self.step_value)
+        return metric
+
+
+@dataclass
 class LogRecords:
     """The ``self.log`` calls captured during the micro-batches of one step, in call order."""
 
     calls: list[tuple[str, Any, dict[str, Any], float]] = field(default_factory=list)
 
-    def combined(self) -> dict[str, tuple[Any, dict[str, Any]]]:
-        """One (value, kwargs) per key: the weighted mean of its values, with the last call's arguments."""
+    def combined(self, module: Any = None) -> dict[str, tuple[Any, dict[str, Any]]]:
+        """One (value, kwargs) per key: the weighted mean of its values, with the last call's arguments; a metric
+        of ``module`` logged as an object becomes its :class:`MetricState`."""
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         kwargs_of: dict[str, dict[str, Any]] = {}
+        metrics: dict[str, Any] = {}
         for name, value, kwargs, weight in self.calls:
             sums[name] = sums.get(name, 0.0) + weight * _to_float(value, name)
             weights[name] = weights.get(name, 0.0) + weight
             kwargs_of[name] = kwargs
-        return {name: (sums[name] / weights[name], kwargs_of[name]) for name in sums}
+            if _is_metric(value):
+                metrics[name] = value
+        paths = {id(m): path for path, m in module.named_modules()} if module is not None and metrics else {}
+        out: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for name in sums:
+            value: Any = sums[name] / weights[name]
+            if id(metrics.get(name)) in paths:
+                value = MetricState.of(metrics[name], paths[id(metrics[name])], value)
+            out[name] = (value, kwargs_of[name])
+        return out
+
+
+def _is_metric(value: Any) -> bool:
+    from torchmetrics import Metric
+
+    return isinstance(value, Metric)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, list):
+        return [v.detach().clone() for v in value]
+    return value.detach().clone()
 
 
 def _to_float(value: Any, name: str) -> float:
@@ -77,4 +132,7 @@ def replay_logs(module: Any, combined: dict[str, tuple[Any, dict[str, Any]]], ba
     for name, (value, kwargs) in combined.items():
         kwargs = dict(kwargs)
         kwargs.setdefault("batch_size", batch_size)
-        module.log(name, torch.tensor(value, dtype=torch.float32), **kwargs)
+        if isinstance(value, MetricState):
+            module.log(name, value.load_into(module), **kwargs)
+        else:
+            module.log(name, torch.tensor(value, dtype=torch.float32), **kwargs)

@@ -237,12 +237,45 @@ class HFBertClassifier(Base):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
 
 
+class BertWithMetrics(HFBertClassifier):
+    """Logs torchmetrics objects as a Lightning user would: train F1 per epoch, validation accuracy and F1."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.train_f1 = MulticlassF1Score(3, average="macro")
+        self.val_accuracy = MulticlassAccuracy(3, average="micro")
+        self.val_f1 = MulticlassF1Score(3, average="macro")
+
+    def _outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        labels = batch["labels"][:, 0] % 3
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        return out.loss, out.logits.argmax(-1), labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, predictions, labels = self._outputs(batch)
+        self.train_f1(predictions, labels)
+        self.log("train_loss", loss)
+        self.log("train_f1", self.train_f1, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, predictions, labels = self._outputs(batch)
+        self.val_accuracy(predictions, labels)
+        self.val_f1(predictions, labels)
+        self.log("val_loss", loss)
+        self.log("val_accuracy", self.val_accuracy)
+        self.log("val_f1", self.val_f1)
+
+
 MODELS = {
     "sequential": SequentialNet,
     "gpt": TinyGPT,
     "hf_gpt2": lambda **kw: HFCausalLM(family="gpt2", **kw),
     "hf_llama": lambda **kw: HFCausalLM(family="llama", **kw),
     "hf_bert": HFBertClassifier,
+    "hf_bert_metrics": BertWithMetrics,
 }
 
 

@@ -274,3 +274,18 @@ def test_measuring_the_first_batch_leaves_a_shuffled_order_alone(tmp_path: Path)
         ref = load_result(tmp_path, f"ref-{shuffle}", 0)
         for rank in range(2):
             assert_matches_reference(ref, load_result(tmp_path, f"pp2-{shuffle}", rank))
+
+
+def test_torchmetrics_objects_give_the_one_process_epoch_values(tmp_path: Path) -> None:
+    """Metrics logged as objects (F1 is not a mean over samples) reach every rank with the one-process epoch value."""
+    kw = {"batch_size": 6, "n": 36, "lengths": [8], "lr": 0.05}
+    common = {"model": "hf_bert_metrics", "model_kwargs": kw, "max_steps": 6, "limit_val_batches": 3}
+    strategy = {"pipeline_parallel_size": 2, "microbatches": 3, "balance": "uniform"}
+    jobs = [{"name": "ref", **common}, {"name": "pp2", **common, "devices": 2, "strategy": strategy}]
+    proc = run_harness(jobs, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    ref = load_result(tmp_path, "ref", 0)["final_metrics"]
+    for rank in range(2):
+        got = load_result(tmp_path, "pp2", rank)["final_metrics"]
+        for key in ("train_f1", "val_accuracy", "val_f1", "val_loss"):
+            assert abs(got[key] - ref[key]) < 1e-6, (rank, key, got[key], ref[key])
