@@ -9,8 +9,10 @@ See docs/design.md for the data flow of one step.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -34,15 +36,17 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_mp.checkpoint import (
-    full_state_dict,
-    gather_to_rank_zero,
+    CheckpointError,
+    is_checkpoint_dir,
     load_named_optimizer_state,
-    merge_optimizer_states,
+    load_stage_checkpoint,
     named_optimizer_state,
+    save_checkpoint_dir,
 )
-from lightning_mp.comm import P2P, broadcast_object
+from lightning_mp.comm import P2P, all_gather_objects, broadcast_object
 from lightning_mp.errors import LayoutError, ModelSplitError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
+from lightning_mp.hugging_face import hugging_face_models
 from lightning_mp.launcher import HydraJobLauncher, hydra_multirun
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.microbatch import batch_size_of
@@ -94,6 +98,8 @@ class ModelParallel(ParallelStrategy):
             (before the first step of the next epoch, with the whole epoch measured).
         max_memory: bytes a stage may use ("24GiB", "500MB" or a number): "time" minimizes time among the splits
             that fit, and a plan predicted over it is refused with the number of stages that would fit.
+        checkpoint_weights_only: load checkpoints without running code from them (tensors and plain data only);
+            False for a checkpoint you trust whose saved hyper-parameters hold other Python objects.
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -122,6 +128,7 @@ class ModelParallel(ParallelStrategy):
         rebalance: bool = False,
         rebalance_every: Union[int, Literal["epoch"]] = 50,
         max_memory: Union[int, float, str, None] = None,
+        checkpoint_weights_only: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -145,6 +152,7 @@ class ModelParallel(ParallelStrategy):
         self.rebalance = rebalance
         self.max_memory = parse_bytes(max_memory) if max_memory is not None else None
         self.rebalance_every = rebalance_every
+        self.checkpoint_weights_only = checkpoint_weights_only
         if rebalance_every != "epoch" and (
             isinstance(rebalance_every, bool) or not isinstance(rebalance_every, int) or rebalance_every < 1
         ):
@@ -539,45 +547,68 @@ class ModelParallel(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    # ---- checkpoints: one ordinary file in the model's own names (see checkpoint.py) -------------------------
+    # ---- checkpoints: distributed, in the model's own names (see checkpoint.py) ---------------------------------
     @property
-    def _holds_unique_state(self) -> bool:
-        # one copy of each stage's state: data-parallel replica 0, tensor-parallel rank 0
-        dp_rank, _, tp_rank = self.layout.coords(self.global_rank)
-        return dp_rank == 0 and tp_rank == 0
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # each rank reads only its own stage, into the split model and its optimizers
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.lightning_module is not None
-        if self._runner is None:
-            return self.lightning_module.state_dict()
-        return full_state_dict(self.lightning_module, self._holds_unique_state)
+        return {k: v for k, v in self.lightning_module.state_dict().items() if not is_placeholder(k)}
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
-        named = named_optimizer_state(optimizer, self.lightning_module)
-        parts = gather_to_rank_zero(named, self._holds_unique_state)
-        return merge_optimizer_states(parts) if parts else {}
+        return named_optimizer_state(getattr(optimizer, "_optimizer", optimizer), self.lightning_module)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """A distributed checkpoint directory at ``filepath`` (see :mod:`lightning_mp.checkpoint`); every rank."""
+        if storage_options is not None:
+            raise TypeError("ModelParallel writes distributed checkpoints itself and takes no storage_options.")
+        checkpoint = {**checkpoint, "lightning_mp": {"hf_models": hugging_face_models(self.lightning_module)}}
+        save_checkpoint_dir(checkpoint, filepath, lambda obj: all_gather_objects(obj, None, self.root_device))
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        trusted = not self.checkpoint_weights_only if weights_only is None else not weights_only
+        if not is_checkpoint_dir(checkpoint_path):  # an ordinary one-file checkpoint (e.g. of one-process training)
+            return self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=not trusted)
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        return load_stage_checkpoint(checkpoint_path, self.lightning_module, optimizers, weights_only=not trusted)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            path = Path(filepath)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         module = self.lightning_module
         assert module is not None
         state = checkpoint["state_dict"]
-        if self._runner is None:  # restored before the split: the whole model
-            module.load_state_dict(state, strict=strict)
-            return
         local = module.state_dict()
         missing = [k for k in local if k not in state and not is_placeholder(k)]
         if strict and missing:
-            raise KeyError(f"the checkpoint lacks {len(missing)} entries of this stage, e.g. {missing[:3]}")
+            raise KeyError(
+                f"the checkpoint lacks {len(missing)} entries of stage {self.stage}, e.g. {missing[:3]}: it was saved"
+                " from another model (pass strict=False to load what matches)."
+            )
         module.load_state_dict({k: v for k, v in state.items() if k in local}, strict=False)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        for optimizer, named in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_named_optimizer_state(getattr(optimizer, "_optimizer", optimizer), self.lightning_module, named)
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            numbered = [p for g in saved.get("param_groups", []) for p in g["params"] if not isinstance(p, str)]
+            if numbered:
+                raise CheckpointError(
+                    "this checkpoint's optimizer state numbers its parameters (a one-process checkpoint): it"
+                    " cannot be matched to pipeline stages. Load its weights before fit"
+                    " (model.load_state_dict(torch.load(path)['state_dict'])) and start the optimizer afresh."
+                )
+            load_named_optimizer_state(getattr(optimizer, "_optimizer", optimizer), self.lightning_module, saved)
 
     # ---- failure and teardown -----------------------------------------------------------------------------------
     @override

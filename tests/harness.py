@@ -54,6 +54,17 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         strategy = lightning_mp.ModelParallel(**strategy_kwargs)
     recorder = Recorder()
     callbacks: list[L.Callback] = [recorder]
+    plugins = []
+    if job.get("checkpoint_io") == "distributed":  # one plain process reading a lightning-mp checkpoint directory
+        from lightning_mp.consolidate import DistributedCheckpointIO
+
+        plugins.append(DistributedCheckpointIO())
+    if job.get("early_stopping"):
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        callbacks.append(EarlyStopping(**job["early_stopping"]))
+    if job.get("crash_in_save"):
+        _crash_in_save(**job["crash_in_save"])
     if job.get("checkpoint_every"):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -75,6 +86,7 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        plugins=plugins,
         num_sanity_val_steps=0,
         limit_val_batches=job.get("limit_val_batches", 0),
         val_check_interval=job.get("val_check_interval"),
@@ -101,6 +113,22 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     target = out_dir / job["name"]
     target.mkdir(parents=True, exist_ok=True)
     torch.save(result, target / f"rank{rank}.pt")
+
+
+def _crash_in_save(rank: int, call: int) -> None:
+    """Make global rank ``rank`` die in the middle of the ``call``-th checkpoint save (the others are writing)."""
+    import lightning_mp.checkpoint as checkpoint
+
+    write = checkpoint.write_tensors
+    calls = [0]
+
+    def crashing(tensors: Any, directory: Path) -> None:
+        calls[0] += 1
+        if calls[0] == call and torch.distributed.get_rank() == rank:
+            os._exit(7)
+        write(tensors, directory)
+
+    checkpoint.write_tensors = crashing
 
 
 def _replica_ordered_loader(model: L.LightningModule, replicas: int, batch_size: int) -> Any:
