@@ -102,11 +102,23 @@ class PipelineRunner:
         self._share(records, None, total)
         return result.outputs[-1] if self.runtime.is_last else None
 
-    def predict_step(self, batch: Any, rest: tuple) -> Any:
-        """Forward-only pipeline through ``predict_step``; the whole batch's predictions, on every stage."""
+    def predict_step(self, batch: Any, rest: tuple, everywhere: bool = True) -> Any:
+        """Forward-only pipeline through ``predict_step``; the whole batch's predictions on every stage, or (not
+        ``everywhere``) on the first stage only (None elsewhere)."""
         result, _, _, _ = self._run("predict_step", batch, rest)
         predictions = concat_microbatches(result.outputs) if self.runtime.is_last else None
-        return self._from_last_stage(predictions)
+        if everywhere:
+            return self._from_last_stage(predictions)
+        if len(self.pp_ranks) == 1:
+            return predictions
+        p2p = self.executor.p2p
+        if self.runtime.is_last:
+            p2p.send_activation(predictions, self.pp_ranks[0], "the predictions")
+            p2p.wait_sends()
+        elif self.runtime.stage == 0:
+            with torch.no_grad():
+                return p2p.recv_activation(self.pp_ranks[-1], "the predictions").value
+        return None
 
     def _run(
         self, hook: str, batch: Any, rest: tuple, loss_scale: float | None = None

@@ -8,9 +8,11 @@ See docs/design.md for the data flow of one step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -24,6 +26,7 @@ from lightning.fabric.utilities.distributed import (
     _init_dist_connection,
     _sync_ddp_if_available,
 )
+from lightning.fabric.utilities.init import _materialize_meta_tensors
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -100,6 +103,9 @@ class ModelParallel(ParallelStrategy):
             that fit, and a plan predicted over it is refused with the number of stages that would fit.
         checkpoint_weights_only: load checkpoints without running code from them (tensors and plain data only);
             False for a checkpoint you trust whose saved hyper-parameters hold other Python objects.
+        predictions: where ``trainer.predict`` returns the predictions (in batch order): "all" ranks, or "rank0",
+            the first stage of each pipeline (global rank 0 and, with data parallelism, each replica's first
+            stage); the other ranks get None, and only one message per batch leaves the last stage.
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -129,6 +135,7 @@ class ModelParallel(ParallelStrategy):
         rebalance_every: Union[int, Literal["epoch"]] = 50,
         max_memory: Union[int, float, str, None] = None,
         checkpoint_weights_only: bool = True,
+        predictions: Literal["all", "rank0"] = "all",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -153,6 +160,9 @@ class ModelParallel(ParallelStrategy):
         self.max_memory = parse_bytes(max_memory) if max_memory is not None else None
         self.rebalance_every = rebalance_every
         self.checkpoint_weights_only = checkpoint_weights_only
+        if predictions not in ("all", "rank0"):
+            raise ValueError(f"predictions={predictions!r} is invalid: choose 'all' or 'rank0'.")
+        self.predictions = predictions
         if rebalance_every != "epoch" and (
             isinstance(rebalance_every, bool) or not isinstance(rebalance_every, int) or rebalance_every < 1
         ):
@@ -285,15 +295,9 @@ class ModelParallel(ParallelStrategy):
                 "ModelParallel pipelines the backward pass itself and needs automatic optimization:"
                 " set self.automatic_optimization = True (manual_backward cannot be split across stages)."
             )
-        meta = [name for name, p in module.named_parameters() if p.is_meta]
-        if meta:
-            raise ModelSplitError(
-                f"{len(meta)} parameters of {type(module).__name__} are on the meta device (e.g. {meta[0]!r}): they"
-                " have no values to train. lightning_mp.dry_run plans such a model; for training, materialize the"
-                " weights first (module.to_empty(device='cpu') and initialize or load them)."
-            )
         if self._runner is None:
             self._split_model(trainer, module)
+            self._materialize_stage(module)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -332,6 +336,27 @@ class ModelParallel(ParallelStrategy):
         )
         self._setup_shared_parameters(module, runtime)
 
+    def _materialize_stage(self, module: Any) -> None:
+        """Give the stage's parameters built on the meta device (``configure_model`` or ``init_module(empty_init=
+        True)``) memory on this device, initialized by each module's ``reset_parameters``: a rank never holds
+        another stage's layers, so the model may be larger than one process."""
+        if not any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+            return
+        try:
+            _materialize_meta_tensors(module, self.root_device)
+        except TypeError as err:
+            raise ModelSplitError(
+                f"{err} lightning-mp materializes the stage's meta-device parameters after the split, as Lightning's"
+                " ModelParallelStrategy does: give that module a reset_parameters(), or build it on a real device."
+            ) from err
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # empty_init: the model is built on the meta device; each rank materializes only its stage in setup()
+        with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
+            yield
+
     def _measurement(self, trainer: Any, module: Any) -> tuple[Any, Optional[Callable[[Any], LayerCosts]]]:
         """The balance to use and, when it (or max_memory) needs measured costs, how to measure them.
 
@@ -356,7 +381,8 @@ class ModelParallel(ParallelStrategy):
         def measure(found: Any) -> LayerCosts:
             costs = None
             if self.global_rank == 0:
-                module.to(self.root_device)
+                if not any(p.is_meta for p in module.parameters()):  # a meta model is measured in FLOPs
+                    module.to(self.root_device)
                 costs = measure_step_costs(module, hook, batch, self.microbatches, backward=fitting)(found).as_dict()
             return LayerCosts(**broadcast_object(costs, 0, None, self.root_device))
 
@@ -525,7 +551,7 @@ class ModelParallel(ParallelStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._runner is not None
         with self.precision_plugin.predict_step_context():
-            return self._runner.predict_step(args[0], args[1:])
+            return self._runner.predict_step(args[0], args[1:], everywhere=self.predictions == "all")
 
     # ---- collectives --------------------------------------------------------------------------------------------
     @override

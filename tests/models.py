@@ -106,6 +106,21 @@ class SequentialNet(Base):
         return {"logits": self.net(x), "target": y}
 
 
+class ConfiguredNet(SequentialNet):
+    """Builds its layers in ``configure_model`` on the meta device, as for a model larger than one process."""
+
+    def __init__(self, **kw: Any) -> None:
+        Base.__init__(self, **kw)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            with torch.device("meta"):
+                layers = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)]
+                self.net = nn.Sequential(*layers, nn.Linear(16, 4))
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -276,6 +291,7 @@ MODELS = {
     "hf_llama": lambda **kw: HFCausalLM(family="llama", **kw),
     "hf_bert": HFBertClassifier,
     "hf_bert_metrics": BertWithMetrics,
+    "configured": ConfiguredNet,
 }
 
 

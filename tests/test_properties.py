@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import assert_matches_reference, load_result, run_harness
@@ -46,6 +46,8 @@ def expected_errors(config: dict[str, Any]) -> list[str]:
         errors.append(r"schedule='interleaved' is not supported: choose one of")
     if isinstance(balance, list) and (sum(balance) != 4 or min(balance) < 1):
         errors.append(rf"balance={re.escape(str(balance))}.*e\.g\. balance=\[")
+    if isinstance(balance, list) and len(balance) != pp:
+        errors.append(rf"balance={re.escape(str(balance))} has {len(balance)} entries but pipeline_parallel_size={pp}")
     if isinstance(m, int) and m > KW["batch_size"] and config["schedule"] != "none":
         errors.append(rf"microbatches={m} is larger than the batch of 4 samples")
     return errors
@@ -63,6 +65,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
+    phases=[Phase.explicit, Phase.generate],  # no shrinking: each example is a multi-process run; report it as drawn
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(config=CONFIGS)
