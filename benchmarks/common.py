@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,16 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def fit_and_time(model: L.LightningModule, loader: DataLoader, steps: int, strategy: Any, devices: int) -> dict | None:
+def fit_and_time(
+    model: L.LightningModule,
+    loader: DataLoader,
+    steps: int,
+    strategy: Any,
+    devices: int,
+    report: Callable[[L.Trainer], dict] | None = None,
+) -> dict | None:
     """Train ``steps`` + 1 steps; on global rank 0 return the median step time after the first, and per-stage
-    busy/wait seconds when the strategy pipelines (None on other ranks)."""
+    busy/wait seconds when the strategy pipelines (None on other ranks); ``report(trainer)`` adds its own keys."""
     from lightning_mp.callbacks import PipelineSummary
 
     timer, summary = StepTimer(), PipelineSummary()
@@ -64,6 +72,7 @@ def fit_and_time(model: L.LightningModule, loader: DataLoader, steps: int, strat
         "step_s": statistics.median(timer.times[1:]),
         "stages": stages,
         "balance": plan.balance if plan is not None else None,
+        **(report(trainer) if report is not None else {}),
     }
 
 

@@ -47,6 +47,7 @@ class ModelParallelConfig:
     max_memory: Any = None  # bytes per stage: a number or "24GiB"; None = no limit
     checkpoint_weights_only: bool = True  # load checkpoints without running code from them
     predictions: str = "all"  # where trainer.predict returns predictions: all | rank0
+    activation_checkpointing: str = "never"  # recompute layer activations in backward: never | except_last | always
 
 
 def _positive_int_or(*words: str) -> Callable[[Any], bool]:
@@ -79,6 +80,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "start_method": (lambda v: v in ("popen", "spawn", "fork"), "popen | spawn | fork"),
     "rebalance_every": (_positive_int_or("epoch"), "a positive int (steps) or epoch"),
     "max_memory": (_bytes_ok, 'null, a number of bytes, or a size such as "24GiB"'),
+    "activation_checkpointing": (lambda v: v in ("never", "except_last", "always"), "never | except_last | always"),
     "predictions": (lambda v: v in ("all", "rank0"), "all | rank0"),
     "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "seconds, > 0"),
 }

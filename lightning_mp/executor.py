@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,15 @@ from lightning_mp.stage import StageDone, StageRuntime
 
 @dataclass
 class StepStats:
-    """Where one stage's time went during one step (seconds)."""
+    """Where one stage's time went during one step (seconds), and the most activation memory it held."""
 
     busy: float = 0.0  # forward and backward compute
     wait: float = 0.0  # blocked on receives
     wall: float = 0.0
     layer_forward: list[float] = field(default_factory=list)  # forward seconds of each own layer
+    peak_activation_bytes: int = 0  # tensors saved for backward by the micro-batches in flight, at their peak
+    # (kind, micro-batch, start, end) in seconds since the runner's time origin; kind: F, B, recv, send
+    spans: list[tuple[str, int, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -44,11 +48,21 @@ class _InFlight:
 class PipelineExecutor:
     """Executes schedule actions on one stage. ``run_microbatch(i)`` runs the user's step on micro-batch ``i``."""
 
-    def __init__(self, runtime: StageRuntime, p2p: P2P, prev_rank: int | None, next_rank: int | None) -> None:
+    def __init__(
+        self,
+        runtime: StageRuntime,
+        p2p: P2P,
+        prev_rank: int | None,
+        next_rank: int | None,
+        activation_checkpointing: str = "never",
+    ) -> None:
         self.runtime = runtime
         self.p2p = p2p
         self.prev_rank = prev_rank
         self.next_rank = next_rank
+        self.activation_checkpointing = activation_checkpointing
+        self.time_origin = time.perf_counter()  # spans are relative to it (set alike on every rank after a barrier)
+        self._memory = _ActivationMemory()
 
     def run(
         self,
@@ -61,10 +75,17 @@ class PipelineExecutor:
         stats = result.stats
         start = time.perf_counter()
         in_flight: dict[int, _InFlight] = {}
+        last = len(result.outputs) - 1
+        self._memory.start(self.runtime.parameter_storages() if loss_weights is not None else None)
         try:
             for action in actions:
                 if action.kind == "F":
-                    in_flight[action.microbatch] = self._forward(action.microbatch, run_microbatch, result)
+                    self.runtime.checkpointing = loss_weights is not None and (
+                        self.activation_checkpointing == "always"
+                        or (self.activation_checkpointing == "except_last" and action.microbatch != last)
+                    )
+                    with self._memory.saving(action.microbatch):
+                        in_flight[action.microbatch] = self._forward(action.microbatch, run_microbatch, result)
                     if loss_weights is None:
                         in_flight.pop(action.microbatch)
                     elif self.runtime.is_last:
@@ -74,12 +95,23 @@ class PipelineExecutor:
                             in_flight[action.microbatch].loss = loss * loss_weights[action.microbatch]
                 else:
                     self._backward(action.microbatch, in_flight.pop(action.microbatch), stats)
+                    self._memory.free(action.microbatch)
+            t0 = time.perf_counter()
             self.p2p.wait_sends()
+            self._span(stats, "send", -1, t0)
             self.runtime.check_no_bypass()
         finally:
+            self.runtime.checkpointing = False
             stats.wall = time.perf_counter() - start
             stats.layer_forward = self.runtime.take_layer_forward_times()
+            stats.peak_activation_bytes = self._memory.stop()
         return result
+
+    def _span(self, stats: StepStats, kind: str, microbatch: int, start: float) -> float:
+        """Record a span from ``start`` to now; return its length."""
+        end = time.perf_counter()
+        stats.spans.append((kind, microbatch, start - self.time_origin, end - self.time_origin))
+        return end - start
 
     def _forward(self, index: int, run_microbatch: Callable[[int], Any], result: StepResult) -> _InFlight:
         stats = result.stats
@@ -87,7 +119,7 @@ class PipelineExecutor:
         if self.prev_rank is not None:
             t0 = time.perf_counter()
             item.received = self.p2p.recv_activation(self.prev_rank, f"the activation of micro-batch {index}")
-            stats.wait += time.perf_counter() - t0
+            stats.wait += self._span(stats, "recv", index, t0)
         t0 = time.perf_counter()
         self.runtime.begin_forward(item.received)
         output = None
@@ -99,7 +131,7 @@ class PipelineExecutor:
             self.runtime.abort_forward()
             raise
         captured = self.runtime.end_forward()
-        stats.busy += time.perf_counter() - t0
+        stats.busy += self._span(stats, "F", index, t0)
         if self.runtime.is_last:
             result.outputs[index] = output
         else:
@@ -116,13 +148,49 @@ class PipelineExecutor:
         else:
             t0 = time.perf_counter()
             outputs, grads = self.p2p.recv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
-            stats.wait += time.perf_counter() - t0
+            stats.wait += self._span(stats, "recv", index, t0)
             t0 = time.perf_counter()
             if outputs:
                 torch.autograd.backward(outputs, grads)
-        stats.busy += time.perf_counter() - t0
+        stats.busy += self._span(stats, "B", index, t0)
         if item.received is not None:
             self.p2p.send_grads(item.received, self.prev_rank, label)  # type: ignore[arg-type]
+
+
+class _ActivationMemory:
+    """Bytes of the tensors each in-flight micro-batch saved for its backward (parameters excluded), and the peak of
+    their sum over a step: what a schedule's in-flight micro-batches cost in memory, on any device."""
+
+    def __init__(self) -> None:
+        self.params: set[int] | None = None
+        self.held: dict[int, int] = {}
+        self.peak = 0
+
+    def start(self, param_storages: set[int] | None) -> None:
+        self.params, self.held, self.peak = param_storages, {}, 0
+
+    @contextlib.contextmanager
+    def saving(self, microbatch: int) -> Iterator[None]:
+        if self.params is None:  # forward only: nothing is saved for a backward
+            yield
+            return
+        params = self.params
+
+        def pack(t: Tensor) -> Tensor:
+            if t.untyped_storage()._cdata not in params:
+                self.held[microbatch] = self.held.get(microbatch, 0) + t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self.peak = max(self.peak, sum(self.held.values()))
+
+    def free(self, microbatch: int) -> None:
+        self.held.pop(microbatch, None)
+
+    def stop(self) -> int:
+        self.params = None
+        return self.peak
 
 
 def _loss_of(output: Any) -> Tensor | None:

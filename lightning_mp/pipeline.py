@@ -7,6 +7,7 @@ stage's loss and logs, and share them with every stage.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -25,11 +26,13 @@ from lightning_mp.planning import loss_value
 from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import StageRuntime
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
+from lightning_mp.timeline import ideal_bubble
 
 log = logging.getLogger("lightning_mp")
 
 ADVICE_AFTER_STEPS = 10  # measured steps before the monitor judges the balance
 HISTORY_STEPS = 1000  # per-step statistics kept for summaries
+TIMELINE_STEPS = 20  # steps whose every-stage spans are kept for the timeline
 
 
 class PipelineRunner:
@@ -44,6 +47,7 @@ class PipelineRunner:
         microbatches: micro-batches per step (fewer when the batch has fewer samples).
         monitor: log per-stage utilization and the bubble each step, and advise a better split when imbalanced.
         p2p: the messenger to the neighbouring stages (one without a failure watch by default).
+        activation_checkpointing: "never", "except_last" or "always" (see ``ModelParallel``).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class PipelineRunner:
         device: torch.device,
         monitor: bool = True,
         p2p: P2P | None = None,
+        activation_checkpointing: str = "never",
     ) -> None:
         self.module = module
         self.runtime = runtime
@@ -71,9 +76,11 @@ class PipelineRunner:
             p2p or P2P(device),
             prev_rank=self.pp_ranks[stage - 1] if stage > 0 else None,
             next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
+            activation_checkpointing=activation_checkpointing,
         )
         # the most recent steps only: a long run must not grow memory with its step count
         self.history: deque[StepStats] = deque(maxlen=HISTORY_STEPS)
+        self.timelines: deque[list[StepStats]] = deque(maxlen=TIMELINE_STEPS)  # every stage's, with spans
         self.monitor = StageMonitor(list(runtime.plan.balance)) if monitor else None
         self._advised = False
 
@@ -90,7 +97,7 @@ class PipelineRunner:
             if all(v is not None for v in losses):
                 loss = sum(w * v for w, v in zip(weights, losses))  # type: ignore[misc]
         loss = self._share(records, loss, total, result.stats)
-        self.history.append(result.stats)
+        self.history.append(dataclasses.replace(result.stats, spans=[]))
         return loss
 
     def eval_step(self, hook: str, batch: Any, rest: tuple) -> Any:
@@ -171,7 +178,12 @@ class PipelineRunner:
             if len(self.pp_ranks) > 1:
                 everyone = all_gather_objects((payload, stats), self.pp_group, self.device)
             shared_loss, combined = everyone[-1][0]
-            metrics = self.monitor.update([s for _, s in everyone])
+            stages = [s for _, s in everyone]
+            self.timelines.append(stages)
+            metrics = self.monitor.update(stages)
+            metrics["pipeline/bubble_ideal"] = ideal_bubble(self.schedule, len(stages), self.microbatches)
+            for stage, s in enumerate(stages):
+                metrics[f"pipeline/stage{stage}_peak_activation_mb"] = s.peak_activation_bytes / 2**20
             for name, value in metrics.items():
                 self.module.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
             self._advise()

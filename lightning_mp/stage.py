@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lightning_mp.comm import Received, flatten, unflatten
@@ -179,6 +180,8 @@ class StageRuntime:
         self._trace_handles: dict[int, Any] = {}
         self._skeletons: dict[int, nn.Module] = {}
         self.movable = movable
+        self.checkpointing = False  # recompute the own layers' activations in backward (set per micro-batch)
+        self._root = root
         self.shared_params = _shared_parameters(root, plan)
         self._install(root)
         if not any(p.requires_grad for p in root.parameters()):
@@ -193,6 +196,7 @@ class StageRuntime:
         for i in range(layers.num_layers):
             if i in self.own_layers:
                 self._trace(i)
+                _checkpoint_when(layers.layer(i), self)
                 if i == self.own_layers.stop - 1:
                     _call_then(layers.layer(i), self._capture)
             else:
@@ -235,6 +239,7 @@ class StageRuntime:
         block.load_state_dict(state)
         self.plan.layers.container[index] = block  # type: ignore[index]
         self._trace(index)
+        _checkpoint_when(block, self)
         return block
 
     def set_balance(self, balance: list[int]) -> None:
@@ -309,6 +314,10 @@ class StageRuntime:
         if running is not None:
             self.layer_forward_s[running[0] - self.own_layers.start] += now - running[1]
         self._timing = (starting, now) if starting is not None else None
+
+    def parameter_storages(self) -> set[int]:
+        """Storage ids of the stage's parameters (saved-for-backward tensors that are parameters cost no memory)."""
+        return {p.untyped_storage()._cdata for p in self._root.parameters()}
 
     def take_layer_forward_times(self) -> list[float]:
         """Seconds of forward each own layer spent since the last call (then reset)."""
@@ -491,6 +500,23 @@ def _call_then(module: nn.Module, after: Callable[[Any], Any]) -> None:
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return after(cls.__call__(self, *args, **kwargs))
+
+    module.__class__ = type(
+        cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    )
+
+
+def _checkpoint_when(module: nn.Module, runtime: StageRuntime) -> None:
+    """Make ``module(...)`` run under activation checkpointing (non-reentrant, RNG state preserved, so the numbers
+    do not change) while ``runtime.checkpointing`` is set: its activations are recomputed in backward."""
+    cls = type(module)
+    if "__call__" in vars(cls) and getattr(cls.__call__, "__qualname__", "").startswith("_checkpoint_when."):
+        return
+
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if runtime.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(cls.__call__, self, *args, use_reentrant=False, **kwargs)
+        return cls.__call__(self, *args, **kwargs)
 
     module.__class__ = type(
         cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}

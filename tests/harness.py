@@ -63,6 +63,10 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         from lightning.pytorch.callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping(**job["early_stopping"]))
+    if job.get("timeline"):
+        from lightning_mp.timeline import PipelineTimeline
+
+        callbacks.append(PipelineTimeline(dirpath=out_dir / job["name"], steps=2))
     if job.get("crash_in_save"):
         _crash_in_save(**job["crash_in_save"])
     if job.get("checkpoint_every"):

@@ -1,0 +1,157 @@
+"""Schedules compared: every schedule at m = 4, 8, 16 micro-batches on the benchmark GPT at pp=2.
+
+For each configuration one JSON line with, each beside its theoretical value:
+
+- ``steps_per_s`` and ``speedup`` over one process (measured in this invocation), against the ideal p·m/(m+p−1);
+- ``bubble``: the measured idle share of the stages' step time, against ``bubble_ideal`` = (p−1)/(m+p−1);
+- ``peak_activation_mb`` per stage (bytes saved for backward by the micro-batches in flight, at their peak), and
+  ``activation_vs_gpipe`` against ``activation_vs_gpipe_ideal`` = (p − stage)/m for 1F1B (GPipe holds all m).
+
+One row adds activation checkpointing (1F1B, m=8). The table is also written as JSON and as a PNG plot.
+
+Usage: ``python benchmarks/schedules.py [--layers 8 --d 512 --seq 128 --batch 32 --steps 4 --out-dir benchmarks]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.common import fit_and_time, run_worker, write_result  # noqa: E402
+
+P = 2
+
+
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4, help="timed steps, after one warm-up step")
+    p.add_argument("--microbatches", default="4,8,16")
+    p.add_argument("--schedules", default="gpipe,1f1b,none")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    p.add_argument("--worker", choices=["single", "lmp"], help=argparse.SUPPRESS)
+    p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
+    p.add_argument("--m", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", default="never", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _worker(a: argparse.Namespace) -> None:
+    from torch.utils.data import DataLoader
+
+    import lightning_mp
+    from examples.gpt import GPT, GPTConfig
+    from lightning_mp.timeline import bubble_report
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=a.layers, n_embd=a.d, n_head=a.heads, block_size=a.seq))
+    data = torch.randint(0, 256, ((a.steps + 1) * a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(data, batch_size=a.batch)
+    if a.worker == "single":
+        write_result(a.out, fit_and_time(model, loader, a.steps, "auto", 1))
+        return
+    strategy = lightning_mp.ModelParallel(
+        pipeline_parallel_size=P,
+        schedule=a.schedule,
+        microbatches=a.m,
+        balance="uniform",
+        activation_checkpointing=a.checkpointing,
+    )
+
+    def report(trainer: Any) -> dict:
+        runner = trainer.strategy._runner
+        return bubble_report(list(runner.timelines)[1:], a.schedule, a.m)  # after the warm-up step
+
+    write_result(a.out, fit_and_time(model, loader, a.steps, strategy, P, report))
+
+
+def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b", m: int = 8, checkpointing: str = "never") -> dict:
+    args = ["--worker", worker, "--schedule", schedule, "--m", str(m), "--checkpointing", checkpointing]
+    for name in ("layers", "d", "heads", "seq", "batch", "steps"):
+        args += [f"--{name}", str(getattr(a, name))]
+    return run_worker(__file__, args)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for schedule in sorted({r["schedule"] for r in rows if r["checkpointing"] == "never"}):
+        mine = [r for r in rows if r["schedule"] == schedule and r["checkpointing"] == "never"]
+        ms = [r["microbatches"] for r in mine]
+        axes[0].plot(ms, [r["steps_per_s"] for r in mine], marker="o", label=schedule)
+        axes[1].plot(ms, [100 * r["bubble"] for r in mine], marker="o", label=f"{schedule} measured")
+        axes[1].plot(ms, [100 * r["bubble_ideal"] for r in mine], linestyle="--", label=f"{schedule} ideal")
+        axes[2].plot(ms, [r["peak_activation_mb"][0] for r in mine], marker="o", label=f"{schedule}, stage 0")
+    axes[0].set_title("steps/s")
+    axes[1].set_title("bubble %")
+    axes[2].set_title("peak activation MiB (stage 0)")
+    for ax in axes:
+        ax.set_xlabel("micro-batches")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    a = _args()
+    if a.worker:
+        torch.set_num_threads(1)
+        _worker(a)
+        return
+    single = _run(a, "single")["step_s"]
+    shape = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "pp": P, "threads_per_rank": 1}
+    print(json.dumps({"config": "one process", **shape, "step_s": round(single, 3)}), flush=True)
+    runs = [(s, int(m), "never") for s in a.schedules.split(",") for m in a.microbatches.split(",")]
+    runs.append(("1f1b", 8, "always"))
+    results = {run: _run(a, "lmp", *run) for run in runs}
+    rows = []
+    for (schedule, m, checkpointing), r in results.items():
+        gpipe = results.get(("gpipe", m, "never"))
+        ideal = P * m / (m + P - 1) if schedule != "none" else 1.0
+        row = {
+            "config": f"lightning-mp {schedule}" + (" + activation checkpointing" if checkpointing != "never" else ""),
+            **shape,
+            "schedule": schedule,
+            "microbatches": m,
+            "checkpointing": checkpointing,
+            "steps_per_s": round(1 / r["step_s"], 3),
+            "speedup": round(single / r["step_s"], 3),
+            "speedup_ideal": round(ideal, 3),
+            "bubble": round(r["bubble"], 3),
+            "bubble_ideal": round(r["bubble_ideal"], 3),
+            "peak_activation_mb": [round(b / 2**20, 1) for b in r["peak_activation_bytes"]],
+        }
+        if gpipe is not None and schedule == "1f1b":
+            row["activation_vs_gpipe"] = [
+                round(mine / theirs, 3)
+                for mine, theirs in zip(r["peak_activation_bytes"], gpipe["peak_activation_bytes"])
+            ]
+            row["activation_vs_gpipe_ideal"] = [round(min(P - s, m) / m, 3) for s in range(P)]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(a.out_dir)
+    (out / "results-schedules.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, out / "schedules.png")
+
+
+if __name__ == "__main__":
+    main()

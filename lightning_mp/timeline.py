@@ -1,0 +1,131 @@
+"""Seeing the pipeline: each stage's forwards, backwards, receives and sends of a step, on one time axis.
+
+Every training step, each stage records its spans (``StepStats.spans``, seconds since an origin the ranks set
+together after a barrier); they reach every rank with the step's statistics. :class:`PipelineTimeline` writes the
+last steps as a Chrome trace (open ``timeline.json`` in https://ui.perfetto.dev or chrome://tracing) and as
+``timeline.png``, one lane per stage:
+
+    stage 0 |F0|F1|F2|F3|B0|F4|B1| ...      F = forward, B = backward (of micro-batch i)
+    stage 1 |  |F0|B0|F1|B1|F2|B2| ...      grey = blocked on a receive; white = idle (the bubble)
+
+The gaps are the bubble: at the start stage 1 waits for stage 0's first forward, at the end stage 0 waits for
+stage 1's last backward. ``bubble_report`` sets the measured bubble beside the schedule's ideal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_mp.executor import StepStats
+
+COLORS = {"F": "#4C72B0", "B": "#55A868", "recv": "#C8C8C8", "send": "#E5E5E5"}
+
+
+def ideal_bubble(schedule: str, num_stages: int, microbatches: int) -> float:
+    """The idle share of a step with equal stages and free messages: (p-1)/(m+p-1); without micro-batches (p-1)/p."""
+    m = 1 if schedule == "none" else microbatches
+    return (num_stages - 1) / (m + num_stages - 1)
+
+
+def bubble_report(steps: list[list[StepStats]], schedule: str, microbatches: int) -> dict[str, float]:
+    """The measured bubble (mean over ``steps``, each a list of every stage's statistics) and the ideal one."""
+    measured = []
+    for stages in steps:
+        wall = max(s.wall for s in stages) or 1e-12
+        measured.append(1.0 - sum(s.busy for s in stages) / (len(stages) * wall))
+    p = len(steps[0]) if steps else 1
+    return {
+        "bubble": sum(measured) / max(len(measured), 1),
+        "bubble_ideal": ideal_bubble(schedule, p, microbatches),
+        "peak_activation_bytes": [max(s[i].peak_activation_bytes for s in steps) for i in range(p)] if steps else [],
+    }
+
+
+def chrome_trace(steps: list[list[StepStats]]) -> dict[str, Any]:
+    """The spans of ``steps`` as a Chrome trace: one thread per stage, times in microseconds."""
+    events: list[dict[str, Any]] = []
+    num_stages = len(steps[0]) if steps else 0
+    for stage in range(num_stages):
+        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": stage, "args": {"name": f"stage {stage}"}})
+    for step, stages in enumerate(steps):
+        for stage, stats in enumerate(stages):
+            for kind, microbatch, start, end in stats.spans:
+                events.append(
+                    {
+                        "name": kind if microbatch < 0 else f"{kind}{microbatch}",
+                        "cat": kind,
+                        "ph": "X",
+                        "ts": start * 1e6,
+                        "dur": (end - start) * 1e6,
+                        "pid": 0,
+                        "tid": stage,
+                        "args": {"step": step, "micro-batch": microbatch},
+                    }
+                )
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def plot_timeline(steps: list[list[StepStats]], path: Path, title: str = "") -> Path | None:
+    """A PNG of the spans, one lane per stage (None when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    num_stages = len(steps[0]) if steps else 0
+    origin = min((sp[2] for stages in steps for s in stages for sp in s.spans), default=0.0)
+    fig, ax = plt.subplots(figsize=(12, 0.6 * num_stages + 1.2))
+    for stages in steps:
+        for stage, stats in enumerate(stages):
+            for kind, microbatch, start, end in stats.spans:
+                x, width = (start - origin) * 1e3, (end - start) * 1e3
+                ax.broken_barh([(x, width)], (stage - 0.4, 0.8), facecolors=COLORS.get(kind, "#999999"))
+                if kind in ("F", "B") and width > 0:
+                    ax.text(x + width / 2, stage, f"{kind}{microbatch}", ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title or "pipeline timeline (F forward, B backward, grey: waiting on a receive)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class PipelineTimeline(L.Callback):
+    """At the end of training, global rank 0 writes the last ``steps`` steps as ``timeline.json`` (Chrome trace)
+    and ``timeline.png`` in ``dirpath`` (default: the trainer's ``default_root_dir``), and logs how the measured
+    bubble compares with the schedule's ideal.
+
+    Needs ``ModelParallel(pipeline_metrics=True)`` (the default), which shares every stage's spans each step.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None, steps: int = 3) -> None:
+        self.dirpath = dirpath
+        self.steps = steps
+        self.report: dict[str, Any] = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        runner = getattr(trainer.strategy, "_runner", None)
+        if runner is None or trainer.global_rank != 0 or not runner.timelines:
+            return
+        steps = list(runner.timelines)[-self.steps :]
+        out = Path(self.dirpath or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "timeline.json").write_text(json.dumps(chrome_trace(steps)))
+        schedule, m = runner.schedule, runner.microbatches
+        self.report = bubble_report(steps, schedule, m)
+        title = f"{schedule}, {len(steps[0])} stages, {m} micro-batches: bubble {100 * self.report['bubble']:.0f}%"
+        plot_timeline(steps, out / "timeline.png", title + f" (ideal {100 * self.report['bubble_ideal']:.0f}%)")
+        rank_zero_info(
+            f"lightning-mp timeline of the last {len(steps)} steps: {out / 'timeline.json'} (Perfetto,"
+            f" chrome://tracing) and timeline.png; measured bubble {100 * self.report['bubble']:.1f}%, ideal for"
+            f" {schedule} {100 * self.report['bubble_ideal']:.1f}%"
+        )
