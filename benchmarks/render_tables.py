@@ -1,6 +1,7 @@
 """Rewrites the README's benchmark tables from benchmarks/results-*.jsonl (the JSON lines the benchmarks print).
 
-Usage: ``python benchmarks/pipeline.py > benchmarks/results-pipeline.jsonl``, likewise for balance.py, then
+Usage: ``python benchmarks/pipeline.py > benchmarks/results-pipeline.jsonl``, likewise for balance.py and
+schedules.py, then
 ``python benchmarks/render_tables.py``. Each table sits between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers.
 """
 
@@ -51,10 +52,38 @@ def balance_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def schedules_table(rows: list[dict]) -> str:
+    lines = [
+        "| configuration | m | steps/s | speedup (ideal) | bubble (ideal) | peak activation MiB, stage 0 · 1 |"
+        " activation vs GPipe (ideal) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["config"] == "one process":
+            lines.append(f"| one process (whole batch) | | {1 / r['step_s']:.3f} | 1.00× | | | |")
+            continue
+        vs = ""
+        if "activation_vs_gpipe" in r:
+            ratios = " · ".join(f"{a:.2f}" for a in r["activation_vs_gpipe"])
+            vs = f"{ratios} ({' · '.join(f'{a:.2f}' for a in r['activation_vs_gpipe_ideal'])})"
+        memory = " · ".join(f"{mb:.1f}" for mb in r["peak_activation_mb"])
+        bubble = f"{100 * r['bubble']:.1f}% ({100 * r['bubble_ideal']:.1f}%)"
+        lines.append(
+            f"| {r['config']} | {r['microbatches']} | {r['steps_per_s']:.3f} | {r['speedup']:.2f}×"
+            f" ({r['speedup_ideal']:.2f}×) | {bubble} | {memory} | {vs} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name, render in (("pipeline-table", pipeline_table), ("balance-table", balance_table)):
+    tables = (
+        ("pipeline-table", pipeline_table),
+        ("balance-table", balance_table),
+        ("schedules-table", schedules_table),
+    )
+    for name, render in tables:
         results = ROOT / "benchmarks" / f"results-{name.split('-')[0]}.jsonl"
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
         block = f"<!-- {name} -->\n{render(rows)}\n<!-- /{name} -->"
