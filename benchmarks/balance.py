@@ -25,19 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import fit_and_time, run_worker, write_result  # noqa: E402
+from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8)
+    p = gpt_arguments(__doc__, seq=64, batch=16, steps=3)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     p.add_argument("--balance", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args()

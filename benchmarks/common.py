@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -74,6 +75,18 @@ def fit_and_time(
         "balance": plan.balance if plan is not None else None,
         **(report(trainer) if report is not None else {}),
     }
+
+
+def gpt_arguments(description: str, seq: int = 128, batch: int = 32, steps: int = 5) -> argparse.ArgumentParser:
+    """The benchmark GPT's shape options (``--layers --d --heads --seq --batch --steps``) on a new parser."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--steps", type=int, default=steps, help="timed steps, after one warm-up step")
+    return p
 
 
 def run_worker(script: str, args: list[str], ranks: int = 1) -> dict:

@@ -29,18 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import fit_and_time, run_worker, write_result  # noqa: E402
+from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
+    p = gpt_arguments(__doc__)
     p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed steps, after one warm-up step")
     p.add_argument("--schedules", default="gpipe,1f1b")
     p.add_argument("--repeats", type=int, default=2, help="runs per configuration, alternating; the fastest counts")
     p.add_argument("--worker", choices=["single", "lmp", "torch"], help=argparse.SUPPRESS)

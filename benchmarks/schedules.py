@@ -25,21 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import fit_and_time, run_worker, write_result  # noqa: E402
+from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
 
 P = 2
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4, help="timed steps, after one warm-up step")
+    p = gpt_arguments(__doc__, steps=4)
     p.add_argument("--microbatches", default="4,8,16")
-    p.add_argument("--schedules", default="gpipe,1f1b,none")
+    p.add_argument("--schedules", default="gpipe,1f1b,zero_bubble,none")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     p.add_argument("--worker", choices=["single", "lmp"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)

@@ -154,6 +154,31 @@ class Received:
     metas: list[TensorMeta]
 
 
+@dataclasses.dataclass
+class PendingGrads:
+    """Gradients being received (:meth:`P2P.irecv_grads`)."""
+
+    p2p: P2P
+    outputs: list[Tensor]
+    grads: list[Tensor]
+    works: list[Any]
+    src: int
+    label: str
+
+    def ready(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(tensors, gradients) once every gradient has arrived."""
+        with self.p2p._waiting(self.src, f"receive {self.label}"):
+            for work in self.works:
+                try:
+                    work.wait()
+                except RuntimeError as err:
+                    raise self.p2p._error("receive", self.label, self.src, err) from err
+        return self.outputs, self.grads
+
+
 class P2P:
     """Sends and receives stage messages to and from global ranks, keeping the handles of pending sends.
 
@@ -220,6 +245,20 @@ class P2P:
                 outputs.append(t)
                 grads.append(g)
         return outputs, grads
+
+    def irecv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> PendingGrads:
+        """Post the receives of :meth:`recv_grads` without waiting; the caller may work until they are ready."""
+        outputs, grads, works = [], [], []
+        for t in sent:
+            if t.requires_grad:
+                g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                try:
+                    works.append(dist.irecv(g, src, group=self.group))
+                except RuntimeError as err:
+                    raise self._error("receive", label, src, err) from err
+                outputs.append(t)
+                grads.append(g)
+        return PendingGrads(self, outputs, grads, works, src, label)
 
     # plumbing --------------------------------------------------------------------------------------------------
     def _isend(self, tensor: Tensor, dst: int, label: str) -> None:

@@ -35,7 +35,7 @@ class ModelParallelConfig:
     tensor_parallel_size: int = 1  # only 1 so far
     data_parallel_size: Any = "auto"  # pipeline replicas: a positive int or "auto"
     microbatches: Any = "auto"  # per batch: a positive int or "auto" (= 2 · pipeline_parallel_size)
-    schedule: str = "1f1b"  # gpipe | 1f1b | none
+    schedule: str = "1f1b"  # gpipe | 1f1b | zero_bubble | none
     balance: Any = "time"  # time | memory | params | uniform | a list of layer counts per stage
     layers: Optional[str] = None  # dotted path of the block container; None = found automatically
     process_group_backend: Optional[str] = None  # None = gloo on CPU, nccl on GPU
@@ -91,7 +91,7 @@ def check_strategy_config(cfg: Mapping[str, Any], prefix: str = "strategy") -> d
 
     Raises:
         ConfigError: an unknown key, or a value outside what the key allows ("strategy.schedule='zero' is invalid:
-            allowed: gpipe | 1f1b | none").
+            allowed: gpipe | 1f1b | zero_bubble | none").
     """
     values = _plain(cfg, prefix)
     known = set(ModelParallelConfig.__dataclass_fields__)

@@ -18,7 +18,7 @@ TRAINING_COPIES = 4
 
 def in_flight(schedule: str, stage: int, num_stages: int, microbatches: int) -> int:
     """Micro-batches whose activations a stage holds at its peak: GPipe all m, 1F1B at most p - stage."""
-    if schedule == "1f1b":
+    if schedule in ("1f1b", "zero_bubble"):
         return min(num_stages - stage, microbatches)
     if schedule == "none":
         return 1

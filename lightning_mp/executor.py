@@ -15,6 +15,7 @@ from lightning_mp.comm import P2P, Received
 from lightning_mp.errors import PipelineError
 from lightning_mp.schedules import Action
 from lightning_mp.stage import StageDone, StageRuntime
+from lightning_mp.weight_grads import DeferredWeightGrads
 
 
 @dataclass
@@ -55,8 +56,10 @@ class PipelineExecutor:
         prev_rank: int | None,
         next_rank: int | None,
         activation_checkpointing: str = "never",
+        deferred: DeferredWeightGrads | None = None,
     ) -> None:
         self.runtime = runtime
+        self.deferred = deferred  # zero_bubble: weight gradients run while waiting (weight_grads.py)
         self.p2p = p2p
         self.prev_rank = prev_rank
         self.next_rank = next_rank
@@ -77,8 +80,13 @@ class PipelineExecutor:
         in_flight: dict[int, _InFlight] = {}
         last = len(result.outputs) - 1
         self._memory.start(self.runtime.parameter_storages() if loss_weights is not None else None)
+        deferred = self.deferred if loss_weights is not None else None
+        if deferred is not None:
+            deferred.enabled = True
         try:
             for action in actions:
+                if deferred is not None:
+                    deferred.microbatch = action.microbatch
                 if action.kind == "F":
                     self.runtime.checkpointing = loss_weights is not None and (
                         self.activation_checkpointing == "always"
@@ -96,16 +104,33 @@ class PipelineExecutor:
                 else:
                     self._backward(action.microbatch, in_flight.pop(action.microbatch), stats)
                     self._memory.free(action.microbatch)
+                    if deferred is not None:  # hold at most as many micro-batches' inputs as 1F1B holds
+                        self._run_deferred(stats, keep=self.runtime.plan.num_stages - self.runtime.stage)
+            if deferred is not None:
+                self._run_deferred(stats, keep=0)
             t0 = time.perf_counter()
             self.p2p.wait_sends()
             self._span(stats, "send", -1, t0)
             self.runtime.check_no_bypass()
         finally:
+            if deferred is not None:
+                deferred.clear()
             self.runtime.checkpointing = False
             stats.wall = time.perf_counter() - start
             stats.layer_forward = self.runtime.take_layer_forward_times()
             stats.peak_activation_bytes = self._memory.stop()
         return result
+
+    def _run_deferred(self, stats: StepStats, keep: int = 0, one: bool = False) -> None:
+        """Run queued weight-gradient products (one; or until ``keep`` micro-batches wait), as busy "W" spans."""
+        deferred = self.deferred
+        assert deferred is not None
+        while deferred.has_pending() and (one or len(deferred.pending) > keep):
+            t0 = time.perf_counter()
+            microbatch = deferred.run_one()
+            stats.busy += self._span(stats, "W", microbatch, t0)
+            if one:
+                return
 
     def _span(self, stats: StepStats, kind: str, microbatch: int, start: float) -> float:
         """Record a span from ``start`` to now; return its length."""
@@ -146,8 +171,15 @@ class PipelineExecutor:
             if item.loss is not None and item.loss.requires_grad:
                 item.loss.backward()
         else:
-            t0 = time.perf_counter()
-            outputs, grads = self.p2p.recv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
+            if self.deferred is not None and self.deferred.enabled:
+                pending = self.p2p.irecv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
+                while self.deferred.has_pending() and not pending.ready():  # fill the wait with weight gradients
+                    self._run_deferred(stats, one=True)
+                t0 = time.perf_counter()
+                outputs, grads = pending.wait()
+            else:
+                t0 = time.perf_counter()
+                outputs, grads = self.p2p.recv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
             stats.wait += self._span(stats, "recv", index, t0)
             t0 = time.perf_counter()
             if outputs:

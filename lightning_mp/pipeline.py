@@ -27,6 +27,7 @@ from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import StageRuntime
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 from lightning_mp.timeline import ideal_bubble
+from lightning_mp.weight_grads import DeferredWeightGrads
 
 log = logging.getLogger("lightning_mp")
 
@@ -77,12 +78,19 @@ class PipelineRunner:
             prev_rank=self.pp_ranks[stage - 1] if stage > 0 else None,
             next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
             activation_checkpointing=activation_checkpointing,
+            deferred=self._deferred_weight_grads(runtime) if schedule == "zero_bubble" else None,
         )
         # the most recent steps only: a long run must not grow memory with its step count
         self.history: deque[StepStats] = deque(maxlen=HISTORY_STEPS)
         self.timelines: deque[list[StepStats]] = deque(maxlen=TIMELINE_STEPS)  # every stage's, with spans
         self.monitor = StageMonitor(list(runtime.plan.balance)) if monitor else None
         self._advised = False
+
+    @staticmethod
+    def _deferred_weight_grads(runtime: StageRuntime) -> DeferredWeightGrads:
+        deferred = DeferredWeightGrads()
+        deferred.install([runtime.plan.layers.layer(i) for i in runtime.own_layers])
+        return deferred
 
     def train_step(self, hook: str, batch: Any, rest: tuple, loss_scale: float) -> Tensor:
         """Forward and backward of every micro-batch of ``batch``; returns the batch's loss on every stage.

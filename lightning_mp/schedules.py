@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-ScheduleName = Literal["gpipe", "1f1b", "none"]
-SCHEDULE_CHOICES: tuple[str, ...] = ("gpipe", "1f1b", "none")
+ScheduleName = Literal["gpipe", "1f1b", "zero_bubble", "none"]
+SCHEDULE_CHOICES: tuple[str, ...] = ("gpipe", "1f1b", "zero_bubble", "none")
 
 
 class Action(NamedTuple):
@@ -54,6 +54,9 @@ def forward_only(stage: int, num_stages: int, num_microbatches: int) -> list[Act
 SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
+    # zero_bubble runs 1F1B's order; each backward computes input gradients only, and the deferred weight
+    # gradients fill the waits (weight_grads.py, executor.py)
+    "zero_bubble": one_f_one_b,
     # "none" is naive model parallelism: the whole batch as one micro-batch, one stage at a time.
     "none": gpipe,
 }

@@ -82,7 +82,9 @@ class ModelParallel(ParallelStrategy):
             "auto" = world size / (pp · tp), or 1 when pipeline_parallel_size is also "auto".
         microbatches: micro-batches per batch; "auto" = 2 × pipeline_parallel_size (fewer if the batch is smaller).
         schedule: "1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards,
-            then all backwards), or "none" (the model is split but each batch flows through the stages whole).
+            then all backwards), "zero_bubble" (1F1B whose nn.Linear layers defer their weight gradients to fill
+            the waits, as ZB-H1: a smaller bubble at 1F1B's memory), or "none" (the model is split but each batch
+            flows through the stages whole).
         balance: "time" (default: equal forward+backward time, measured at set-up on one micro-batch of the
             data; "params" when no batch can be had), "uniform" layer counts, "params" (equal parameter counts),
             "memory" (equal predicted peak memory: parameters, gradients, Adam states, and the activations the
@@ -123,7 +125,7 @@ class ModelParallel(ParallelStrategy):
         tensor_parallel_size: int = 1,
         data_parallel_size: SizeSpec = "auto",
         microbatches: Union[int, Literal["auto"]] = "auto",
-        schedule: Literal["gpipe", "1f1b", "none"] = "1f1b",
+        schedule: Literal["gpipe", "1f1b", "zero_bubble", "none"] = "1f1b",
         balance: BalanceSpec = "time",
         layers: Optional[str] = None,
         accelerator: Any = None,
@@ -517,6 +519,9 @@ class ModelParallel(ParallelStrategy):
         if better is not None:
             old = list(self.plan.balance)
             move_layers(runner.runtime, self.optimizers, better, runner.pp_ranks, self.root_device)
+            if runner.executor.deferred is not None:  # adopted layers defer their weight gradients too
+                runtime = runner.runtime
+                runner.executor.deferred.install([runtime.plan.layers.layer(i) for i in runtime.own_layers])
             rank_zero_info(f"lightning-mp: rebalanced the pipeline from balance={old} to balance={better}")
         runner.reset_monitor()
 

@@ -27,9 +27,14 @@ COLORS = {"F": "#4C72B0", "B": "#55A868", "recv": "#C8C8C8", "send": "#E5E5E5"}
 
 
 def ideal_bubble(schedule: str, num_stages: int, microbatches: int) -> float:
-    """The idle share of a step with equal stages and free messages: (p-1)/(m+p-1); without micro-batches (p-1)/p."""
+    """The idle share of a step with equal stages and free messages: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/p
+    without micro-batches, and (p-1)/(3m+p-1) for zero_bubble (ZB-H1 with forward, input- and weight-gradient
+    passes of equal cost: the last two thirds of each backward fill the bubble)."""
+    p = num_stages
+    if schedule == "zero_bubble":
+        return (p - 1) / (3 * microbatches + p - 1)
     m = 1 if schedule == "none" else microbatches
-    return (num_stages - 1) / (m + num_stages - 1)
+    return (p - 1) / (m + p - 1)
 
 
 def bubble_report(steps: list[list[StepStats]], schedule: str, microbatches: int) -> dict[str, float]:

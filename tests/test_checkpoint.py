@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"name": "one-process", **common, "resume_from": STEP2, "checkpoint_io": "distributed"},
     ]
     return run_jobs_or_fail(tmp_path_factory, "ckpt", jobs)
+
+
+def _gpt_job(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "model": "gpt", "model_kwargs": KW, "max_steps": 4, "devices": 2, "strategy": PP2, **extra}
 
 
 def _after_step_2(run: dict) -> dict:
@@ -68,15 +73,8 @@ def test_one_plain_process_resumes_from_the_directory(runs: Path) -> None:
 
 @pytest.mark.distributed
 def test_a_pp2_checkpoint_resumes_at_pp4(runs: Path, tmp_path: Path) -> None:
-    job = {
-        "name": "pp4",
-        "model": "gpt",
-        "model_kwargs": KW,
-        "max_steps": 4,
-        "devices": 4,
-        "strategy": {"pipeline_parallel_size": 4, "microbatches": 3},
-        "resume_from": str(runs / STEP2),
-    }
+    pp4 = {"pipeline_parallel_size": 4, "microbatches": 3}
+    job = _gpt_job("pp4", devices=4, strategy=pp4, resume_from=str(runs / STEP2))
     proc = run_harness([job], tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     straight = {**load_result(runs, "straight", 0)["params"], **load_result(runs, "straight", 1)["params"]}
@@ -118,23 +116,14 @@ def test_hugging_face_export_loads_with_from_pretrained(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 def test_a_crash_mid_save_leaves_the_last_good_checkpoint(runs: Path, tmp_path: Path) -> None:
-    crash = {
-        "name": "straight",
-        "model": "gpt",
-        "model_kwargs": KW,
-        "max_steps": 4,
-        "devices": 2,
-        "strategy": PP2,
-        "checkpoint_every": 2,
-        "crash_in_save": {"rank": 1, "call": 2},  # rank 1 dies while the step-4 checkpoint is being written
-    }
+    # rank 1 dies while the step-4 checkpoint is being written
+    crash = _gpt_job("straight", checkpoint_every=2, crash_in_save={"rank": 1, "call": 2})
     proc = run_harness([crash], tmp_path)
     assert proc.returncode != 0
     ckpts = tmp_path / "straight" / "ckpts"
     assert (ckpts / "step=2.ckpt" / "lightning_state.pt").exists()
     assert not (ckpts / "step=4.ckpt").exists()  # only step=4.ckpt.partial, which nothing resumes from
-    resume = {**crash, "name": "resumed", "resume_from": STEP2}
-    del resume["crash_in_save"], resume["checkpoint_every"]
+    resume = _gpt_job("resumed", resume_from=STEP2)
     proc = run_harness([resume], tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     for rank in range(2):

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, assert_matches_reference, load_result, run_harn
 pytestmark = pytest.mark.distributed
 
 MODELS = ["sequential", "gpt", "hf_gpt2", "hf_llama", "hf_bert"]
-SCHEDULES = ["gpipe", "1f1b", "none"]
+SCHEDULES = ["gpipe", "1f1b", "zero_bubble", "none"]
 # Batches of 6 samples in 4 micro-batches (sizes 2, 2, 1, 1), a last batch of 2, sequence length changing per batch.
 MODEL_KW = {"batch_size": 6, "n": 20}
 EXTRAS: dict[str, dict[str, Any]] = {
@@ -224,7 +224,7 @@ def _pp4_jobs() -> list[dict[str, Any]]:
     for model in PP4_MODELS:
         kw = {**MODEL_KW, "layers": 5}  # 5 layers on 4 stages: [2, 1, 1, 1]
         jobs.append({"name": f"ref-{model}", "model": model, "model_kwargs": kw})
-        for schedule in ("gpipe", "1f1b"):
+        for schedule in ("gpipe", "1f1b", "zero_bubble"):
             jobs.append(
                 {
                     "name": f"pp4-{model}-{schedule}",
@@ -242,7 +242,7 @@ def pp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_jobs_or_fail(tmp_path_factory, "pp4", _pp4_jobs())
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zero_bubble"])
 @pytest.mark.parametrize("model", PP4_MODELS)
 def test_pp4_middle_stages_match_one_process(pp4: Path, model: str, schedule: str) -> None:
     ref = load_result(pp4, f"ref-{model}", 0)
