@@ -46,11 +46,22 @@ def test_every_preset_composes(app: str, preset: str, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("balance", ["uniform", "params", "time", "memory"])
-@pytest.mark.parametrize(("pipeline", "schedule"), [("1f1b", "1f1b"), ("gpipe", "gpipe"), ("off", "none")])
-def test_balance_and_pipeline_groups(balance: str, pipeline: str, schedule: str) -> None:
-    cfg = _compose("classify", [f"strategy/balance={balance}", f"strategy/pipeline={pipeline}"])
+@pytest.mark.parametrize(
+    ("pipeline", "schedule"), [("1f1b", "1f1b"), ("gpipe", "gpipe"), ("zero_bubble", "zero_bubble"), ("off", "none")]
+)
+@pytest.mark.parametrize("checkpointing", ["never", "except_last", "always"])
+def test_balance_pipeline_and_checkpointing_groups(
+    balance: str, pipeline: str, schedule: str, checkpointing: str
+) -> None:
+    overrides = [
+        f"strategy/balance={balance}",
+        f"strategy/pipeline={pipeline}",
+        f"strategy/checkpointing={checkpointing}",
+    ]
+    cfg = _compose("classify", overrides)
     assert (cfg.strategy.balance, cfg.strategy.schedule) == (balance, schedule)
-    assert build_strategy(cfg.strategy).schedule == schedule
+    strategy = build_strategy(cfg.strategy)
+    assert (strategy.schedule, strategy.activation_checkpointing) == (schedule, checkpointing)
 
 
 def test_manual_balance_needs_the_counts() -> None:
