@@ -2,8 +2,10 @@
 
 For each configuration one JSON line with, each beside its theoretical value:
 
-- ``steps_per_s`` and ``speedup`` over one process (measured in this invocation), against the ideal p·m/(m+p−1);
-- ``bubble``: the measured idle share of the stages' step time, against ``bubble_ideal`` = (p−1)/(m+p−1);
+- ``steps_per_s`` and ``speedup`` over one process (measured in this invocation), against the ideal
+  p·(1 − bubble_ideal) (= p·m/(m+p−1) for GPipe and 1F1B);
+- ``bubble``: the measured idle share of the stages' step time, against ``bubble_ideal`` = (p−1)/(m+p−1), (p−1)/p
+  without micro-batches, (p−1)/(3m+p−1) for zero_bubble;
 - ``peak_activation_mb`` per stage (bytes saved for backward by the micro-batches in flight, at their peak), and
   ``activation_vs_gpipe`` against ``activation_vs_gpipe_ideal`` = (p − stage)/m for 1F1B (GPipe holds all m).
 
@@ -120,7 +122,7 @@ def main() -> None:
     rows = []
     for (schedule, m, checkpointing), r in results.items():
         gpipe = results.get(("gpipe", m, "never"))
-        ideal = P * m / (m + P - 1) if schedule != "none" else 1.0
+        ideal = P * (1 - r["bubble_ideal"])  # p stages busy but for the ideal bubble: p·m/(m+p−1) for 1F1B
         row = {
             "config": f"lightning-mp {schedule}" + (" + activation checkpointing" if checkpointing != "never" else ""),
             **shape,
@@ -134,7 +136,7 @@ def main() -> None:
             "bubble_ideal": round(r["bubble_ideal"], 3),
             "peak_activation_mb": [round(b / 2**20, 1) for b in r["peak_activation_bytes"]],
         }
-        if gpipe is not None and schedule == "1f1b":
+        if gpipe is not None and schedule == "1f1b" and checkpointing == "never":
             row["activation_vs_gpipe"] = [
                 round(mine / theirs, 3)
                 for mine, theirs in zip(r["peak_activation_bytes"], gpipe["peak_activation_bytes"])

@@ -29,6 +29,7 @@ from examples.gpt import GPT, GPTConfig
 from examples.text_data import ByteWindows, python_docs_text
 from lightning_mp.callbacks import PipelineSummary
 from lightning_mp.config import build_strategy, check_strategy_config
+from lightning_mp.timeline import PipelineTimeline
 
 
 @hydra.main(config_path="../conf", config_name="quickstart", version_base="1.3")
@@ -51,7 +52,9 @@ def main(cfg: DictConfig) -> None:
         out.write_text(json.dumps(report, indent=2))
         print(f"plan written to {out}")
         return
-    trainer = L.Trainer(strategy=build_strategy(cfg.strategy), callbacks=[PipelineSummary()], **cfg.trainer)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    callbacks = [PipelineSummary(), PipelineTimeline(dirpath=out)]  # timeline.json / .png in the output directory
+    trainer = L.Trainer(strategy=build_strategy(cfg.strategy), callbacks=callbacks, **cfg.trainer)
     trainer.fit(
         model,
         DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True),

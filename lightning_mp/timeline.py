@@ -5,8 +5,8 @@ together after a barrier); they reach every rank with the step's statistics. :cl
 last steps as a Chrome trace (open ``timeline.json`` in https://ui.perfetto.dev or chrome://tracing) and as
 ``timeline.png``, one lane per stage:
 
-    stage 0 |F0|F1|F2|F3|B0|F4|B1| ...      F = forward, B = backward (of micro-batch i)
-    stage 1 |  |F0|B0|F1|B1|F2|B2| ...      grey = blocked on a receive; white = idle (the bubble)
+    stage 0 |F0|F1|F2|F3|B0|F4|B1| ...      F = forward, B = backward (of micro-batch i), W = deferred weight
+    stage 1 |  |F0|B0|F1|B1|F2|B2| ...      gradients; grey = blocked on a receive; white = idle (the bubble)
 
 The gaps are the bubble: at the start stage 1 waits for stage 0's first forward, at the end stage 0 waits for
 stage 1's last backward. ``bubble_report`` sets the measured bubble beside the schedule's ideal.
@@ -23,7 +23,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_mp.executor import StepStats
 
-COLORS = {"F": "#4C72B0", "B": "#55A868", "recv": "#C8C8C8", "send": "#E5E5E5"}
+COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#DD8452", "recv": "#C8C8C8", "send": "#E5E5E5"}
+LEGEND = {"F": "forward", "B": "backward", "W": "weight gradients (zero_bubble)", "recv": "waiting on a receive"}
 
 
 def ideal_bubble(schedule: str, num_stages: int, microbatches: int) -> float:
@@ -81,27 +82,42 @@ def plot_timeline(steps: list[list[StepStats]], path: Path, title: str = "") -> 
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.patches
         import matplotlib.pyplot as plt
     except ImportError:
         return None
     num_stages = len(steps[0]) if steps else 0
     origin = min((sp[2] for stages in steps for s in stages for sp in s.spans), default=0.0)
-    fig, ax = plt.subplots(figsize=(12, 0.6 * num_stages + 1.2))
+    fig, ax = plt.subplots(figsize=(12, 0.6 * num_stages + 1.6))
     for stages in steps:
         for stage, stats in enumerate(stages):
-            for kind, microbatch, start, end in stats.spans:
+            for kind, microbatch, start, end in _merged(stats.spans):
                 x, width = (start - origin) * 1e3, (end - start) * 1e3
                 ax.broken_barh([(x, width)], (stage - 0.4, 0.8), facecolors=COLORS.get(kind, "#999999"))
-                if kind in ("F", "B") and width > 0:
+                if kind in ("F", "B", "W") and width > 0:
                     ax.text(x + width / 2, stage, f"{kind}{microbatch}", ha="center", va="center", fontsize=6)
+    kinds = {sp[0] for stages in steps for s in stages for sp in s.spans}
+    handles = [matplotlib.patches.Patch(color=COLORS[k], label=label) for k, label in LEGEND.items() if k in kinds]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.38), ncol=len(handles), fontsize=8)
     ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
     ax.invert_yaxis()
     ax.set_xlabel("ms")
-    ax.set_title(title or "pipeline timeline (F forward, B backward, grey: waiting on a receive)")
+    ax.set_title(title or "pipeline timeline")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _merged(spans: list[tuple[str, int, float, float]], gap: float = 2e-4) -> list[tuple[str, int, float, float]]:
+    """Consecutive spans of one kind and micro-batch as one (a micro-batch's weight gradients run layer by layer)."""
+    out: list[tuple[str, int, float, float]] = []
+    for span in sorted(spans, key=lambda sp: sp[2]):
+        if out and out[-1][:2] == span[:2] and span[2] - out[-1][3] <= gap:
+            out[-1] = (*span[:2], out[-1][2], span[3])
+        else:
+            out.append(span)
+    return out
 
 
 class PipelineTimeline(L.Callback):
