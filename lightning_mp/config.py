@@ -35,7 +35,7 @@ class ModelParallelConfig:
     tensor_parallel_size: int = 1  # only 1 so far
     data_parallel_size: Any = "auto"  # pipeline replicas: a positive int or "auto"
     microbatches: Any = "auto"  # per batch: a positive int or "auto" (= 2 · pipeline_parallel_size)
-    schedule: str = "1f1b"  # gpipe | 1f1b | zero_bubble | none
+    schedule: str = "1f1b"  # auto | gpipe | 1f1b | zero_bubble | none
     balance: Any = "time"  # time | memory | params | uniform | a list of layer counts per stage
     layers: Optional[str] = None  # dotted path of the block container; None = found automatically
     process_group_backend: Optional[str] = None  # None = gloo on CPU, nccl on GPU
@@ -48,6 +48,7 @@ class ModelParallelConfig:
     checkpoint_weights_only: bool = True  # load checkpoints without running code from them
     predictions: str = "all"  # where trainer.predict returns predictions: all | rank0
     activation_checkpointing: str = "never"  # recompute layer activations in backward: never | except_last | always
+    checkpoint_every_n_layers: int = 1  # with checkpointing on: every n-th layer of a stage (1: all)
 
 
 def _positive_int_or(*words: str) -> Callable[[Any], bool]:
@@ -81,6 +82,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rebalance_every": (_positive_int_or("epoch"), "a positive int (steps) or epoch"),
     "max_memory": (_bytes_ok, 'null, a number of bytes, or a size such as "24GiB"'),
     "activation_checkpointing": (lambda v: v in ("never", "except_last", "always"), "never | except_last | always"),
+    "checkpoint_every_n_layers": (_positive_int_or(), "a positive int"),
     "predictions": (lambda v: v in ("all", "rank0"), "all | rank0"),
     "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "seconds, > 0"),
 }
@@ -91,7 +93,7 @@ def check_strategy_config(cfg: Mapping[str, Any], prefix: str = "strategy") -> d
 
     Raises:
         ConfigError: an unknown key, or a value outside what the key allows ("strategy.schedule='zero' is invalid:
-            allowed: gpipe | 1f1b | zero_bubble | none").
+            allowed: auto | gpipe | 1f1b | zero_bubble | none").
     """
     values = _plain(cfg, prefix)
     known = set(ModelParallelConfig.__dataclass_fields__)

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
-from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
+from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, measure_step_costs
 from lightning_mp.stage import StagePlan
 
 
@@ -49,6 +49,8 @@ def dry_run(
     m = 2 * layout.pp if microbatches == "auto" else int(microbatches)
     measure = measure_step_costs(model, hook, batch, m, backward=hook == "training_step") if batch is not None else None
     limit = parse_bytes(max_memory) if max_memory is not None else None
+    if schedule == "auto":
+        schedule = choose_schedule(model, layers)
     plan = build_plan(model, layout.pp, balance, layers, measure, schedule, m, limit)
     ranks = [[layout.rank_of(d, s, t) for d in range(layout.dp) for t in range(layout.tp)] for s in range(layout.pp)]
     report = plan.to_dict(ranks)

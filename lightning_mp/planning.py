@@ -110,6 +110,19 @@ def build_plan(
     return plan
 
 
+def choose_schedule(root: nn.Module, layers: str | None = None, mixed_precision: bool = False) -> str:
+    """What ``schedule="auto"`` runs: "zero_bubble" when the layers hold trainable ``nn.Linear`` modules whose
+    weight gradients can be deferred (its bubble is smaller than 1F1B's at the same memory, and GPipe's memory is
+    larger at the same bubble), otherwise "1f1b". Under autocast the deferral is off, so "1f1b" too."""
+    found = discover_layers(root, layers)
+    deferrable = any(
+        type(m) is nn.Linear and m.weight.requires_grad
+        for i in range(found.num_layers)
+        for m in found.layer(i).modules()
+    )
+    return "zero_bubble" if deferrable and not mixed_precision else "1f1b"
+
+
 def check_memory_limit(model: StageCostModel, prediction: PlanPrediction, num_layers: int, max_memory: float) -> None:
     """Raise when a stage of the plan is predicted above ``max_memory`` bytes, with the fewest stages that fit.
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-ScheduleName = Literal["gpipe", "1f1b", "zero_bubble", "none"]
-SCHEDULE_CHOICES: tuple[str, ...] = ("gpipe", "1f1b", "zero_bubble", "none")
+ScheduleName = Literal["auto", "gpipe", "1f1b", "zero_bubble", "none"]
+# "auto" is resolved to one of the others when the model is known (planning.choose_schedule)
+SCHEDULE_CHOICES: tuple[str, ...] = ("auto", "gpipe", "1f1b", "zero_bubble", "none")
 
 
 class Action(NamedTuple):

@@ -181,6 +181,7 @@ class StageRuntime:
         self._skeletons: dict[int, nn.Module] = {}
         self.movable = movable
         self.checkpointing = False  # recompute the own layers' activations in backward (set per micro-batch)
+        self.checkpoint_every = 1  # while checkpointing: every n-th own layer (1: all of them)
         self._root = root
         self.shared_params = _shared_parameters(root, plan)
         self._install(root)
@@ -196,7 +197,7 @@ class StageRuntime:
         for i in range(layers.num_layers):
             if i in self.own_layers:
                 self._trace(i)
-                _checkpoint_when(layers.layer(i), self)
+                _checkpoint_when(layers.layer(i), self, i)
                 if i == self.own_layers.stop - 1:
                     _call_then(layers.layer(i), self._capture)
             else:
@@ -239,7 +240,7 @@ class StageRuntime:
         block.load_state_dict(state)
         self.plan.layers.container[index] = block  # type: ignore[index]
         self._trace(index)
-        _checkpoint_when(block, self)
+        _checkpoint_when(block, self, index)
         return block
 
     def set_balance(self, balance: list[int]) -> None:
@@ -506,15 +507,17 @@ def _call_then(module: nn.Module, after: Callable[[Any], Any]) -> None:
     )
 
 
-def _checkpoint_when(module: nn.Module, runtime: StageRuntime) -> None:
-    """Make ``module(...)`` run under activation checkpointing (non-reentrant, RNG state preserved, so the numbers
-    do not change) while ``runtime.checkpointing`` is set: its activations are recomputed in backward."""
+def _checkpoint_when(module: nn.Module, runtime: StageRuntime, index: int) -> None:
+    """Make layer ``index`` run under activation checkpointing (non-reentrant, RNG state preserved, so the numbers
+    do not change) while ``runtime.checkpointing`` is set and it is one of every ``runtime.checkpoint_every`` own
+    layers: its activations are recomputed in backward."""
     cls = type(module)
     if "__call__" in vars(cls) and getattr(cls.__call__, "__qualname__", "").startswith("_checkpoint_when."):
         return
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if runtime.checkpointing and torch.is_grad_enabled():
+        chosen = (index - runtime.own_layers.start) % runtime.checkpoint_every == 0
+        if runtime.checkpointing and chosen and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(cls.__call__, self, *args, use_reentrant=False, **kwargs)
         return cls.__call__(self, *args, **kwargs)
 

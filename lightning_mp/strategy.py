@@ -29,6 +29,7 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.init import _materialize_meta_tensors
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -56,7 +57,7 @@ from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.microbatch import batch_size_of
 from lightning_mp.partition import BALANCE_CHOICES
 from lightning_mp.pipeline import PipelineRunner
-from lightning_mp.planning import BalanceSpec, build_plan, measure_step_costs
+from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, measure_step_costs
 from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
 from lightning_mp.schedules import SCHEDULE_CHOICES
@@ -84,7 +85,8 @@ class ModelParallel(ParallelStrategy):
         schedule: "1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards,
             then all backwards), "zero_bubble" (1F1B whose nn.Linear layers defer their weight gradients to fill
             the waits, as ZB-H1: a smaller bubble at 1F1B's memory), or "none" (the model is split but each batch
-            flows through the stages whole).
+            flows through the stages whole); "auto" picks zero_bubble when the layers have nn.Linear weights to
+            defer (and the precision is not mixed), else 1f1b.
         balance: "time" (default: equal forward+backward time, measured at set-up on one micro-batch of the
             data; "params" when no batch can be had), "uniform" layer counts, "params" (equal parameter counts),
             "memory" (equal predicted peak memory: parameters, gradients, Adam states, and the activations the
@@ -112,6 +114,8 @@ class ModelParallel(ParallelStrategy):
         activation_checkpointing: recompute each stage's layer activations in the backward instead of keeping them
             ("always"; "except_last": all micro-batches but the last, whose backward follows at once, as GPipe
             does): less memory per in-flight micro-batch for one more forward. The numbers do not change.
+        checkpoint_every_n_layers: with activation checkpointing, recompute only every n-th layer of a stage (the
+            first, the n+1-th, ...) and keep the others' activations: between the memory of "never" and "always".
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -125,7 +129,7 @@ class ModelParallel(ParallelStrategy):
         tensor_parallel_size: int = 1,
         data_parallel_size: SizeSpec = "auto",
         microbatches: Union[int, Literal["auto"]] = "auto",
-        schedule: Literal["gpipe", "1f1b", "zero_bubble", "none"] = "1f1b",
+        schedule: Literal["auto", "gpipe", "1f1b", "zero_bubble", "none"] = "1f1b",
         balance: BalanceSpec = "time",
         layers: Optional[str] = None,
         accelerator: Any = None,
@@ -143,6 +147,7 @@ class ModelParallel(ParallelStrategy):
         checkpoint_weights_only: bool = True,
         predictions: Literal["all", "rank0"] = "all",
         activation_checkpointing: Literal["never", "except_last", "always"] = "never",
+        checkpoint_every_n_layers: int = 1,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -175,6 +180,11 @@ class ModelParallel(ParallelStrategy):
                 f"activation_checkpointing={activation_checkpointing!r} is invalid: use never, except_last or always."
             )
         self.activation_checkpointing = activation_checkpointing
+        if isinstance(checkpoint_every_n_layers, bool) or not isinstance(checkpoint_every_n_layers, int):
+            raise ValueError(f"checkpoint_every_n_layers={checkpoint_every_n_layers!r} is invalid: use a positive int.")
+        if checkpoint_every_n_layers < 1:
+            raise ValueError(f"checkpoint_every_n_layers={checkpoint_every_n_layers} is invalid: use a positive int.")
+        self.checkpoint_every_n_layers = checkpoint_every_n_layers
         if rebalance_every != "epoch" and (
             isinstance(rebalance_every, bool) or not isinstance(rebalance_every, int) or rebalance_every < 1
         ):
@@ -322,6 +332,10 @@ class ModelParallel(ParallelStrategy):
 
     def _split_model(self, trainer: Any, module: Any) -> None:
         layout = self.layout
+        if self.schedule == "auto":
+            mixed = isinstance(self.precision_plugin, MixedPrecision)
+            self.schedule = choose_schedule(module, self.layers, mixed_precision=mixed)
+            rank_zero_info(f"lightning-mp: schedule='auto' runs {self.schedule!r}")
         balance, measure = self._measurement(trainer, module)
         self.plan = build_plan(
             module, layout.pp, balance, self.layers, measure, self.schedule, self.microbatches, self.max_memory
@@ -349,6 +363,7 @@ class ModelParallel(ParallelStrategy):
             p2p=P2P(self.root_device, watch=self._watch, describe=self.describe_rank),
             activation_checkpointing=self.activation_checkpointing,
         )
+        runtime.checkpoint_every = self.checkpoint_every_n_layers
         self._setup_shared_parameters(module, runtime)
 
     def _materialize_stage(self, module: Any) -> None:

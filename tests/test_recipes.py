@@ -65,5 +65,5 @@ def test_a_bad_setting_is_refused_before_any_process_starts(tmp_path: Path) -> N
     start = time.monotonic()
     proc = run_script(_recipe("causal_lm", "strategy.schedule=zero", f"hydra.run.dir={tmp_path}"))
     assert proc.returncode != 0
-    assert "strategy.schedule='zero' is invalid: allowed: gpipe | 1f1b | zero_bubble | none" in proc.stderr
+    assert "strategy.schedule='zero' is invalid: allowed: auto | gpipe | 1f1b | zero_bubble | none" in proc.stderr
     assert "rank1" not in proc.stderr and time.monotonic() - start < 60

@@ -43,6 +43,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for mode in ("always", "except_last"):
         strategy = {"pipeline_parallel_size": 2, "microbatches": 8, "activation_checkpointing": mode}
         jobs.append({"name": f"ckpt-{mode}", "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": strategy})
+    every2 = {"pipeline_parallel_size": 2, "microbatches": 8, "activation_checkpointing": "always"}
+    every2["checkpoint_every_n_layers"] = 2  # stage 0 runs blocks 0 and 1: block 0 recomputed, block 1 kept
+    jobs.append({"name": "ckpt-every2", "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": every2})
     jobs[2]["timeline"] = True
     return run_jobs_or_fail(tmp_path_factory, "timeline", jobs)
 
@@ -78,3 +81,15 @@ def test_activation_checkpointing_keeps_the_numbers_and_saves_memory(runs: Path,
     saved = load_result(runs, "ckpt-always", 0)["final_metrics"]["pipeline/stage0_peak_activation_mb"]
     kept = load_result(runs, "1f1b", 0)["final_metrics"]["pipeline/stage0_peak_activation_mb"]
     assert saved < kept / 2
+
+
+@pytest.mark.distributed
+def test_checkpointing_every_other_layer_keeps_the_numbers_and_half_the_layers(runs: Path) -> None:
+    ref = load_result(runs, "ref", 0)
+    for rank in range(2):
+        assert_matches_reference(ref, load_result(runs, "ckpt-every2", rank))
+    peak = {
+        name: load_result(runs, name, 0)["final_metrics"]["pipeline/stage0_peak_activation_mb"]
+        for name in ("1f1b", "ckpt-every2", "ckpt-always")
+    }
+    assert peak["ckpt-always"] < peak["ckpt-every2"] < peak["1f1b"]

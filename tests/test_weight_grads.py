@@ -49,3 +49,13 @@ def test_off_and_under_autocast_it_is_plain_linear() -> None:
         net(torch.randn(2, 8)).float().sum().backward()
     assert not deferred.has_pending()
     assert isinstance(net[0], nn.Linear) and type(net[0]).__name__ == "Linear"
+
+
+def test_auto_picks_zero_bubble_where_linear_weights_can_wait() -> None:
+    from lightning_mp.planning import choose_schedule
+    from tests.models import make_model
+
+    assert choose_schedule(make_model("gpt")) == "zero_bubble"  # nn.Linear MLPs
+    assert choose_schedule(make_model("hf_llama")) == "zero_bubble"
+    assert choose_schedule(make_model("hf_gpt2")) == "1f1b"  # Conv1D projections: nothing to defer
+    assert choose_schedule(make_model("hf_llama"), mixed_precision=True) == "1f1b"  # autocast turns deferral off
