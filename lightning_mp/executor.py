@@ -27,7 +27,7 @@ class StepStats:
     wall: float = 0.0
     layer_forward: list[float] = field(default_factory=list)  # forward seconds of each own layer
     peak_activation_bytes: int = 0  # tensors saved for backward by the micro-batches in flight, at their peak
-    # (kind, micro-batch, start, end) in seconds since the runner's time origin; kind: F, B, recv, send
+    # (kind, micro-batch, start, end) in seconds since the runner's time origin; kind: F, B, W, recv, send
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
 
 
