@@ -47,7 +47,12 @@ def balance_table(rows: list[dict]) -> str:
         f'`balance="time"` chose {summary["time_balance"]}: {summary["time_step_s"]:.3f} s/step against'
         f" {summary['best_step_s']:.3f} for the best split found by trying all of them ({summary['best_split']}),"
         f" i.e. {100 * summary['time_vs_best']:.1f}% of the best speed (target ≥ 95%), and"
-        f" {summary['time_vs_uniform']:.2f}× the speed of the uniform split.",
+        f" {summary['time_vs_uniform']:.2f}× the speed of the uniform split."
+        + (
+            " It is the same split as the best one: the gap between the two rows is run-to-run noise."
+            if summary["time_balance"] == summary["best_split"]
+            else ""
+        ),
     ]
     return "\n".join(lines)
 
