@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_mp.comm import P2P, Received
 from lightning_mp.errors import PipelineError
+from lightning_mp.profiling import storage_id
 from lightning_mp.schedules import Action
 from lightning_mp.stage import StageDone, StageRuntime
 from lightning_mp.weight_grads import DeferredWeightGrads
@@ -209,7 +210,7 @@ class _ActivationMemory:
         params = self.params
 
         def pack(t: Tensor) -> Tensor:
-            if t.untyped_storage()._cdata not in params:
+            if storage_id(t) not in params:
                 self.held[microbatch] = self.held.get(microbatch, 0) + t.numel() * t.element_size()
             return t
 

@@ -16,6 +16,12 @@ from lightning_mp.partition import optimal_balance
 BACKWARD_FACTOR = 3.0
 
 
+def measured_bubble(stats: list[StepStats]) -> float:
+    """The idle share of one step over all stages: 1 − Σ busy / (stages × the longest stage's step time)."""
+    wall = max(s.wall for s in stats) or 1e-12
+    return 1.0 - sum(s.busy for s in stats) / (len(stats) * wall)
+
+
 @dataclass
 class StageMonitor:
     """Accumulates all stages' step statistics and turns them into metrics and balance advice.
@@ -42,7 +48,7 @@ class StageMonitor:
             metrics[f"pipeline/stage{stage}_busy_s"] = s.busy
             metrics[f"pipeline/stage{stage}_wait_s"] = s.wait
             metrics[f"pipeline/stage{stage}_utilization"] = s.busy / wall
-        metrics["pipeline/bubble"] = 1.0 - sum(s.busy for s in stats) / (len(stats) * wall)
+        metrics["pipeline/bubble"] = measured_bubble(stats)
         if self.steps > self.warmup:
             if not self.busy_sum:
                 self.busy_sum = [0.0] * len(stats)

@@ -101,7 +101,7 @@ class _Recorder:
         return hook
 
     def pack(self, t: Tensor) -> Tensor:
-        if _storage_id(t) not in self.param_storages:
+        if storage_id(t) not in self.param_storages:
             self.saved[self.current + 1] += t.numel() * t.element_size()
         return t
 
@@ -120,7 +120,7 @@ def profile_layers(
     warmups, repeats = (0, 1) if on_meta else (2, repeats)
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     grads = {p: p.grad for p in module.parameters()}
-    param_storages = {_storage_id(p) for p in module.parameters()}
+    param_storages = {storage_id(p) for p in module.parameters()}
     runs = []
     with preserved_random_state(), _restored(module, buffers, grads):
         for attempt in range(repeats + warmups):  # warm-up runs: allocator and kernels settle
@@ -193,7 +193,7 @@ class _MetaScalars(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _storage_id(t: Tensor) -> int:
+def storage_id(t: Tensor) -> int:
     """Identifies a tensor's storage, shared by its views; unlike ``data_ptr`` it also tells meta tensors apart."""
     return t.untyped_storage()._cdata
 

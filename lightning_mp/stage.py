@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lightning_mp.comm import Received, flatten, unflatten
 from lightning_mp.discovery import ModelLayers
 from lightning_mp.errors import ModelSplitError, PipelineError
+from lightning_mp.profiling import storage_id
 
 if TYPE_CHECKING:
     from lightning_mp.cost_model import PlanPrediction
@@ -318,7 +319,7 @@ class StageRuntime:
 
     def parameter_storages(self) -> set[int]:
         """Storage ids of the stage's parameters (saved-for-backward tensors that are parameters cost no memory)."""
-        return {p.untyped_storage()._cdata for p in self._root.parameters()}
+        return {storage_id(p) for p in self._root.parameters()}
 
     def take_layer_forward_times(self) -> list[float]:
         """Seconds of forward each own layer spent since the last call (then reset)."""
@@ -502,18 +503,16 @@ def _call_then(module: nn.Module, after: Callable[[Any], Any]) -> None:
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return after(cls.__call__(self, *args, **kwargs))
 
-    module.__class__ = type(
-        cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    )
+    _swap_call(module, __call__)
 
 
 def _checkpoint_when(module: nn.Module, runtime: StageRuntime, index: int) -> None:
     """Make layer ``index`` run under activation checkpointing (non-reentrant, RNG state preserved, so the numbers
     do not change) while ``runtime.checkpointing`` is set and it is one of every ``runtime.checkpoint_every`` own
     layers: its activations are recomputed in backward."""
-    cls = type(module)
-    if "__call__" in vars(cls) and getattr(cls.__call__, "__qualname__", "").startswith("_checkpoint_when."):
+    if _wrapped_by(module, "_checkpoint_when"):
         return
+    cls = type(module)
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         chosen = (index - runtime.own_layers.start) % runtime.checkpoint_every == 0
@@ -521,16 +520,26 @@ def _checkpoint_when(module: nn.Module, runtime: StageRuntime, index: int) -> No
             return torch.utils.checkpoint.checkpoint(cls.__call__, self, *args, use_reentrant=False, **kwargs)
         return cls.__call__(self, *args, **kwargs)
 
-    module.__class__ = type(
-        cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    )
+    _swap_call(module, __call__)
+
+
+def _swap_call(module: nn.Module, call: Callable[..., Any]) -> None:
+    """Give ``module`` a subclass of its class, of the same name, whose ``__call__`` is ``call``."""
+    cls = type(module)
+    namespace = {"__call__": call, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    module.__class__ = type(cls.__name__, (cls,), namespace)
+
+
+def _wrapped_by(module: nn.Module, wrapper: str) -> bool:
+    """Whether ``module``'s class was last swapped by the function named ``wrapper``."""
+    cls = type(module)
+    return "__call__" in vars(cls) and getattr(cls.__call__, "__qualname__", "").startswith(wrapper + ".")
 
 
 def _undo_call_then(module: nn.Module) -> None:
     """Undo :func:`_call_then` (no-op when the module was not wrapped)."""
-    cls = type(module)
-    if "__call__" in vars(cls) and getattr(cls.__call__, "__qualname__", "").startswith("_call_then."):
-        module.__class__ = cls.__bases__[0]
+    if _wrapped_by(module, "_call_then"):
+        module.__class__ = type(module).__bases__[0]
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_mp.executor import StepStats
+from lightning_mp.monitor import measured_bubble
 
 COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#DD8452", "recv": "#C8C8C8", "send": "#E5E5E5"}
 LEGEND = {"F": "forward", "B": "backward", "W": "weight gradients (zero_bubble)", "recv": "waiting on a receive"}
@@ -40,10 +41,7 @@ def ideal_bubble(schedule: str, num_stages: int, microbatches: int) -> float:
 
 def bubble_report(steps: list[list[StepStats]], schedule: str, microbatches: int) -> dict[str, float]:
     """The measured bubble (mean over ``steps``, each a list of every stage's statistics) and the ideal one."""
-    measured = []
-    for stages in steps:
-        wall = max(s.wall for s in stages) or 1e-12
-        measured.append(1.0 - sum(s.busy for s in stages) / (len(stages) * wall))
+    measured = [measured_bubble(stages) for stages in steps]
     p = len(steps[0]) if steps else 1
     return {
         "bubble": sum(measured) / max(len(measured), 1),
