@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import StageRuntime
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 from lightning_mp.timeline import ideal_bubble
+from lightning_mp.tp_layers import to_plain
 from lightning_mp.weight_grads import DeferredWeightGrads
 
 log = logging.getLogger("lightning_mp")
@@ -85,6 +87,8 @@ class PipelineRunner:
         self.timelines: deque[list[StepStats]] = deque(maxlen=TIMELINE_STEPS)  # every stage's, with spans
         self.monitor = StageMonitor(list(runtime.plan.balance)) if monitor else None
         self._advised = False
+        # around every step's forwards and backwards (tensor parallelism's vocabulary-parallel loss)
+        self.step_context: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     @staticmethod
     def _deferred_weight_grads(runtime: StageRuntime) -> DeferredWeightGrads:
@@ -101,7 +105,7 @@ class PipelineRunner:
         result, records, weights, total = self._run(hook, batch, rest, loss_scale)
         loss = None
         if self.runtime.is_last:
-            losses = [loss_value(o) for o in result.outputs]
+            losses = [to_plain(loss_value(o)) for o in result.outputs]
             if all(v is not None for v in losses):
                 loss = sum(w * v for w, v in zip(weights, losses))  # type: ignore[misc]
         loss = self._share(records, loss, total, result.stats)
@@ -154,7 +158,8 @@ class PipelineRunner:
         else:
             actions = build_schedule(self.schedule, stage, stages, len(microbatches))
             loss_weights = [w * loss_scale for w in weights]
-        result = self.executor.run(actions, self._step_fn(hook, microbatches, rest, records, weights), loss_weights)
+        with self.step_context():
+            result = self.executor.run(actions, self._step_fn(hook, microbatches, rest, records, weights), loss_weights)
         return result, records, weights, total
 
     def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, weights: list[float]):

@@ -12,7 +12,7 @@ import itertools
 import logging
 import shutil
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -62,6 +62,8 @@ from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
 from lightning_mp.schedules import SCHEDULE_CHOICES
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
+from lightning_mp.tp_layers import TPGroup, gather_full, loss_parallel
+from lightning_mp.tp_plan import TensorParallelPlan, TensorParallelState, apply_tensor_parallel, plan_tensor_parallel
 from lightning_mp.watchdog import FailureWatch
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,9 @@ class ModelParallel(ParallelStrategy):
 
     Args:
         pipeline_parallel_size: number of pipeline stages; "auto" = world size / (dp · tp).
-        tensor_parallel_size: ranks sharing each layer's weights. Only 1 is implemented so far.
+        tensor_parallel_size: ranks sharing each layer's weights (Megatron-style tensor parallelism, planned
+            automatically: see ``tp_plan``): attention and MLP projections split column- then row-wise, the token
+            embedding and LM head over the vocabulary; everything else replicated.
         data_parallel_size: replicas of the whole pipeline, each fed its own shard of the data;
             "auto" = world size / (pp · tp), or 1 when pipeline_parallel_size is also "auto".
         microbatches: micro-batches per batch; "auto" = 2 × pipeline_parallel_size (fewer if the batch is smaller).
@@ -116,6 +120,12 @@ class ModelParallel(ParallelStrategy):
             does): less memory per in-flight micro-batch for one more forward. The numbers do not change.
         checkpoint_every_n_layers: with activation checkpointing, recompute only every n-th layer of a stage (the
             first, the n+1-th, ...) and keep the others' activations: between the memory of "never" and "always".
+        tensor_parallel_plan: with tensor_parallel_size > 1, styles that override the automatic plan: module name
+            pattern (``*`` for any part) -> "colwise", "rowwise", "vocab" or "replicate",
+            e.g. ``{"blocks.*.mlp.0": "colwise", "blocks.*.mlp.2": "rowwise"}``.
+        loss_parallel: with tensor parallelism, the LM head hands the loss its logits sharded over the vocabulary
+            (a DTensor) and cross-entropy runs vocabulary-parallel, never gathering them; False gathers the logits
+            (for a step that does more with them than a loss and ``argmax``).
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -148,6 +158,8 @@ class ModelParallel(ParallelStrategy):
         predictions: Literal["all", "rank0"] = "all",
         activation_checkpointing: Literal["never", "except_last", "always"] = "never",
         checkpoint_every_n_layers: int = 1,
+        tensor_parallel_plan: Optional[dict[str, str]] = None,
+        loss_parallel: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -185,6 +197,15 @@ class ModelParallel(ParallelStrategy):
         if checkpoint_every_n_layers < 1:
             raise ValueError(f"checkpoint_every_n_layers={checkpoint_every_n_layers} is invalid: use a positive int.")
         self.checkpoint_every_n_layers = checkpoint_every_n_layers
+        if tensor_parallel_plan is not None and not isinstance(tensor_parallel_plan, Mapping):
+            raise ValueError(
+                f"tensor_parallel_plan={tensor_parallel_plan!r} is invalid: give a mapping of module name pattern to"
+                " 'colwise', 'rowwise', 'vocab' or 'replicate'."
+            )
+        self.tensor_parallel_plan = dict(tensor_parallel_plan) if tensor_parallel_plan else None
+        self.loss_parallel = loss_parallel
+        if rebalance and isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
+            raise ValueError("rebalance=True does not move tensor-parallel layers yet: use rebalance=False with tp>1.")
         if rebalance_every != "epoch" and (
             isinstance(rebalance_every, bool) or not isinstance(rebalance_every, int) or rebalance_every < 1
         ):
@@ -202,7 +223,10 @@ class ModelParallel(ParallelStrategy):
         self._watch: Optional[FailureWatch] = None
         self._batch_checked = False
         self._shared_groups: list[tuple[list[torch.nn.Parameter], Any]] = []
-        self._norm_skip: set[int] = set()  # tied copies counted on another stage
+        self._norm_skip: set[int] = set()  # tied copies counted on another stage, replicas on another tp rank
+        self.tp_plan: Optional[TensorParallelPlan] = None
+        self._tensor_parallel: Optional[TensorParallelState] = None
+        self._norm_group: Any = None  # every stage and tp rank of this rank's pipeline replica
 
     # ---- properties ---------------------------------------------------------------------------------------------
     @property
@@ -290,8 +314,9 @@ class ModelParallel(ParallelStrategy):
 
     def describe_rank(self, rank: int) -> str:
         """A global rank as messages name it: "rank 3 (stage 1)", with the data-parallel replica when dp > 1."""
-        dp, pp, _ = self.layout.coords(rank)
-        return f"rank {rank} (stage {pp}" + (f", replica {dp})" if self.layout.dp > 1 else ")")
+        dp, pp, tp = self.layout.coords(rank)
+        where = f"rank {rank} (stage {pp}" + (f", tp rank {tp}" if self.layout.tp > 1 else "")
+        return where + (f", replica {dp})" if self.layout.dp > 1 else ")")
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -320,6 +345,7 @@ class ModelParallel(ParallelStrategy):
         if self._runner is None:
             self._split_model(trainer, module)
             self._materialize_stage(module)
+            self._apply_tensor_parallel(module)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -340,6 +366,10 @@ class ModelParallel(ParallelStrategy):
         self.plan = build_plan(
             module, layout.pp, balance, self.layers, measure, self.schedule, self.microbatches, self.max_memory
         )
+        if layout.tp > 1:  # planned on the whole model, applied to this rank's stage once it holds memory
+            self.tp_plan = plan_tensor_parallel(
+                module, self.plan.layers.container_name, layout.tp, self.tensor_parallel_plan
+            )
         runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance)
         container = self.plan.layers.container_name + "."
         if self.rebalance and any(name.startswith(container) for name, _ in runtime.shared_params):
@@ -347,7 +377,9 @@ class ModelParallel(ParallelStrategy):
                 "rebalance=True cannot move layers that share parameters with other stages; use rebalance=False."
             )
         rank_zero_info(
-            self.plan.format() + f"\n  layout: {layout}, schedule={self.schedule},"
+            self.plan.format()
+            + (("\n" + self.tp_plan.format()) if self.tp_plan is not None else "")
+            + f"\n  layout: {layout}, schedule={self.schedule},"
             f" microbatches={1 if self.schedule == 'none' else self.microbatches}"
         )
         pp_mesh = self._mesh["pp"]
@@ -379,6 +411,26 @@ class ModelParallel(ParallelStrategy):
                 f"{err} lightning-mp materializes the stage's meta-device parameters after the split, as Lightning's"
                 " ModelParallelStrategy does: give that module a reset_parameters(), or build it on a real device."
             ) from err
+
+    def _apply_tensor_parallel(self, module: Any) -> None:
+        """Split this stage's planned layers over the tp group; set up the groups gradients are reduced over."""
+        layout = self.layout
+        dp_rank, _, tp_rank = layout.coords(self.global_rank)
+        groups = {}
+        for d in range(layout.dp):  # every rank creates every group, in the same order
+            ranks = [layout.rank_of(d, s, t) for s in range(layout.pp) for t in range(layout.tp)]
+            groups[d] = dist.new_group(ranks) if len(ranks) > 1 else None
+        self._norm_group = groups[dp_rank]
+        if self.tp_plan is None:
+            return
+        tp_group = TPGroup(self._mesh["tp"].get_group(), tp_rank, layout.tp)
+        self._tensor_parallel = apply_tensor_parallel(module, self.tp_plan, tp_group)
+        if tp_rank > 0:  # a replicated parameter counts in the gradient norm once, on tp rank 0
+            sharded = self._tensor_parallel.specs
+            self._norm_skip |= {id(p) for n, p in module.named_parameters() if n not in sharded}
+        if self.loss_parallel and self._tensor_parallel.has_head:
+            assert self._runner is not None
+            self._runner.step_context = loss_parallel
 
     @override
     @contextmanager
@@ -544,6 +596,10 @@ class ModelParallel(ParallelStrategy):
         """Sum tied weights' gradients over their stages, then average all gradients over the data-parallel replicas."""
         for params, group in self._shared_groups:
             all_reduce_grads(params, group, "sum")
+        if self._tensor_parallel is not None and self._tensor_parallel.partial_grads:
+            by_name = dict(self.lightning_module.named_parameters())
+            partial = [by_name[n] for n in self._tensor_parallel.partial_grads if n in by_name]
+            all_reduce_grads(partial, self._mesh["tp"].get_group(), "sum")
         if self.layout.dp > 1:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
             all_reduce_grads(params, self._mesh["dp"].get_group(), "avg")
@@ -556,7 +612,7 @@ class ModelParallel(ParallelStrategy):
 
         def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
             params = list(precision.main_params(optimizer))
-            group = self._mesh["pp"].get_group() if self.layout.pp > 1 else None
+            group = self._norm_group
             counted = {id(p) for p in params} - self._norm_skip
             clip_by_global_norm(params, float(clip_val), group, counted)
 
@@ -605,6 +661,18 @@ class ModelParallel(ParallelStrategy):
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    def full_parameters(self) -> dict[str, Tensor]:
+        """This stage's parameters by name, those split over the tp group gathered whole (a collective of it)."""
+        assert self.lightning_module is not None
+        state = self._tensor_parallel
+        full = {}
+        for name, param in self.lightning_module.named_parameters():
+            if is_placeholder(name):
+                continue
+            spec = state.specs.get(name) if state is not None else None
+            full[name] = gather_full(param.detach(), state.tp, spec) if spec is not None else param.detach().clone()
+        return full
 
     # ---- checkpoints: distributed, in the model's own names (see checkpoint.py) ---------------------------------
     @property
@@ -716,12 +784,7 @@ def _check_options(
     pipeline_parallel_size: Any,
 ) -> None:
     """What can be checked before any process starts: names, types, and a balance list against the stage count."""
-    if tensor_parallel_size != 1:
-        if isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism is not implemented yet in"
-                " lightning-mp; use tensor_parallel_size=1 (pipeline and data parallelism)."
-            )
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise LayoutError(f"tensor_parallel_size={tensor_parallel_size!r} is invalid: use a positive int.")
     if microbatches != "auto" and (
         isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1

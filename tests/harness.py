@@ -110,13 +110,21 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         "rss": recorder.rss,
         "metrics": recorder.metrics,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "params": _parameters(trainer, model),
         "stage": getattr(trainer.strategy, "stage", 0),
         "predictions": predictions,
     }
     target = out_dir / job["name"]
     target.mkdir(parents=True, exist_ok=True)
     torch.save(result, target / f"rank{rank}.pt")
+
+
+def _parameters(trainer: L.Trainer, model: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The rank's parameters by name; tensor-parallel shards gathered whole."""
+    full = getattr(trainer.strategy, "full_parameters", None)
+    if full is not None:
+        return full()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _crash_in_save(rank: int, call: int) -> None:
