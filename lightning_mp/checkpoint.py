@@ -3,9 +3,10 @@
 A checkpoint is a directory:
 
 - the tensors, written with ``torch.distributed.checkpoint`` (DCP) by every rank in parallel, each rank its own
-  stage: ``model/<parameter or buffer name>`` and ``optim/<i>/<parameter name>/<state key>``, the names of the
-  unsplit model, so a checkpoint saved at one pipeline layout loads at any other (DCP matches by name; replicas of a
-  tensor are written once);
+  stage: ``model/<parameter or buffer name>`` and ``optim/<i>/<parameter name>/<state key>``, the names and full
+  shapes of the unsplit model, so a checkpoint saved at one layout loads at any other (DCP matches by name and
+  reads the overlapping pieces; replicas of a tensor are written once). A tensor-parallel rank writes its shard as
+  the pieces of the full tensor it holds (a fused q/k/v projection: one piece per part);
 - ``lightning_state.pt``: everything else Lightning saves (loops, callbacks, schedulers, hyper-parameters), the
   optimizers' parameter groups with parameter names, and what lightning-mp needs to export Hugging Face models.
 
@@ -21,6 +22,7 @@ checkpoint: DCP's metadata is read with an unpickler that accepts only its own d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import pickle
 import shutil
@@ -38,6 +40,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.optim import Optimizer
 
 from lightning_mp.stage import is_placeholder
+from lightning_mp.tp_layers import ShardSpec
 
 STATE_FILE = "lightning_state.pt"
 PARTIAL_SUFFIX = ".partial"
@@ -89,7 +92,10 @@ def join_checkpoint(tensors: dict[str, Tensor], rest: dict[str, Any]) -> dict[st
 
 
 def save_checkpoint_dir(
-    checkpoint: dict[str, Any], path: str | Path, gather: Callable[[Any], list[Any] | None]
+    checkpoint: dict[str, Any],
+    path: str | Path,
+    gather: Callable[[Any], list[Any] | None],
+    shards: Shards | None = None,
 ) -> None:
     """Write ``checkpoint`` (this rank's part) as the checkpoint directory ``path``; a collective of every rank.
 
@@ -97,10 +103,13 @@ def save_checkpoint_dir(
         checkpoint: this rank's Lightning checkpoint dict, its state dict and named optimizer states local.
         path: the directory to (re)place.
         gather: every rank's object as a list on global rank 0 (None elsewhere), for the optimizers' groups.
+        shards: the parameters this rank holds in part (tensor parallelism), and their group.
     """
     path = Path(path)
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     tensors, rest = split_checkpoint(checkpoint)
+    if shards is not None:
+        tensors = {k: shards.to_sharded(k, v) for k, v in tensors.items()}
     parts = gather(rest["optimizer_states"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -144,6 +153,91 @@ def merge_optimizer_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
             known = merged["param_groups"][i]["params"]
             known += [p for p in group["params"] if p not in known]
     return merged
+
+
+class Shards:
+    """Tensor-parallel parameters in checkpoints: this rank's part of a full tensor, as DCP pieces and back.
+
+    Args:
+        specs: parameter name -> :class:`~lightning_mp.tp_layers.ShardSpec` of the part this rank holds.
+        group_ranks: the global ranks of the tensor-parallel group, by tp rank.
+    """
+
+    def __init__(self, specs: dict[str, ShardSpec], group_ranks: list[int]) -> None:
+        self.specs = specs
+        self.group_ranks = group_ranks
+
+    def spec_of(self, key: str) -> ShardSpec | None:
+        """The spec of a checkpoint entry: a split parameter, or an optimizer state shaped like one."""
+        if key.startswith(MODEL):
+            return self.specs.get(key[len(MODEL) :])
+        if key.startswith("optim/"):
+            return self.specs.get(key.split("/", 2)[2].rpartition("/")[0])
+        return None
+
+    def to_sharded(self, key: str, local: Tensor) -> Tensor:
+        """``local`` as the pieces of the full tensor (a ShardedTensor); other entries unchanged."""
+        spec = self.spec_of(key)
+        if spec is None or local.dim() <= spec.dim or local.shape[spec.dim] != spec.local_size:
+            return local
+        from torch.distributed._shard.metadata import ShardMetadata
+        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+        from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+        def pieces(rank: int) -> list[tuple[list[int], list[int], int]]:  # (offsets, sizes, local offset)
+            out, at = [], 0
+            for offset, length in dataclasses.replace(spec, rank=rank).slices():
+                if length:
+                    offsets = [0] * local.dim()
+                    offsets[spec.dim] = offset
+                    sizes = list(local.shape)
+                    sizes[spec.dim] = length
+                    out.append((offsets, sizes, at))
+                at += length
+            return out
+
+        device = local.device
+        every = [
+            ShardMetadata(offsets, sizes, f"rank:{global_rank}/{device}")
+            for rank, global_rank in enumerate(self.group_ranks)
+            for offsets, sizes, _ in pieces(rank)
+        ]
+        views = [
+            (local.narrow(spec.dim, at, sizes[spec.dim]), offsets, sizes) for offsets, sizes, at in pieces(spec.rank)
+        ]
+        # DCP reads and writes contiguous pieces: a piece along a later dim (Conv1D's columns) is a copy
+        back = [(view, view.contiguous()) for view, _, _ in views]
+        mine = [
+            Shard(piece, ShardMetadata(offsets, sizes, f"rank:{dist.get_rank()}/{device}"))
+            for (_, piece), (_, offsets, sizes) in zip(back, views)
+        ]
+        metadata = ShardedTensorMetadata(
+            every, spec.full_shape(local.shape), TensorProperties.create_from_tensor(local)
+        )
+        sharded = ShardedTensor._init_from_local_shards_and_global_metadata(mine, metadata)
+        sharded._lmp_local = local, back  # type: ignore[attr-defined]  # where a load's pieces go back to
+        return sharded
+
+    def local_empty(self, key: str, full: Tensor) -> Tensor:
+        """An empty tensor of this rank's part of ``full`` (the saved full shape), or ``full`` itself."""
+        spec = self.spec_of(key)
+        if spec is None or full.dim() <= spec.dim or full.shape[spec.dim] != spec.full_size:
+            return full
+        shape = list(full.shape)
+        shape[spec.dim] = spec.local_size
+        return torch.empty(shape, dtype=full.dtype, device=full.device)
+
+    @staticmethod
+    def to_local(value: Tensor) -> Tensor:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        if not isinstance(value, ShardedTensor):
+            return value
+        local, back = value._lmp_local  # type: ignore[attr-defined]
+        for view, piece in back:
+            if piece.data_ptr() != view.data_ptr():
+                view.copy_(piece)
+        return local  # type: ignore[no-any-return]
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
@@ -195,11 +289,16 @@ def saved_tensor_shapes(metadata: Metadata) -> dict[str, tuple[torch.Size, torch
 
 
 def load_stage_checkpoint(
-    path: str | Path, module: nn.Module, optimizers: list[Optimizer], weights_only: bool = True
+    path: str | Path,
+    module: nn.Module,
+    optimizers: list[Optimizer],
+    weights_only: bool = True,
+    shards: Shards | None = None,
 ) -> dict[str, Any]:
     """This stage's part of a checkpoint (any saved layout), as a Lightning checkpoint dict; a collective.
 
-    The model entries are those of ``module`` (the local stage); the optimizer entries those of its parameters.
+    The model entries are those of ``module`` (the local stage); the optimizer entries those of its parameters;
+    with ``shards``, the parts of the split parameters (and their optimizer states) this rank holds.
     """
     rest = read_rest(path, weights_only)
     shapes = saved_tensor_shapes(read_metadata(path))
@@ -211,7 +310,11 @@ def load_stage_checkpoint(
             k for k in shapes if k.startswith(f"optim/{i}/") and k[len(f"optim/{i}/") :].rpartition("/")[0] in names
         ]
     targets = {k: torch.empty(shapes[k][0], dtype=shapes[k][1], device=device) for k in wanted if k in shapes}
+    if shards is not None:
+        targets = {k: shards.to_sharded(k, shards.local_empty(k, v)) for k, v in targets.items()}
     load_tensors(path, targets)
+    if shards is not None:
+        targets = {k: shards.to_local(v) for k, v in targets.items()}
     return join_checkpoint(targets, rest)
 
 

@@ -42,6 +42,7 @@ from typing_extensions import override
 
 from lightning_mp.checkpoint import (
     CheckpointError,
+    Shards,
     is_checkpoint_dir,
     load_named_optimizer_state,
     load_stage_checkpoint,
@@ -695,7 +696,9 @@ class ModelParallel(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("ModelParallel writes distributed checkpoints itself and takes no storage_options.")
         checkpoint = {**checkpoint, "lightning_mp": {"hf_models": hugging_face_models(self.lightning_module)}}
-        save_checkpoint_dir(checkpoint, filepath, lambda obj: all_gather_objects(obj, None, self.root_device))
+        save_checkpoint_dir(
+            checkpoint, filepath, lambda obj: all_gather_objects(obj, None, self.root_device), self._shards()
+        )
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -703,7 +706,15 @@ class ModelParallel(ParallelStrategy):
         if not is_checkpoint_dir(checkpoint_path):  # an ordinary one-file checkpoint (e.g. of one-process training)
             return self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=not trusted)
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
-        return load_stage_checkpoint(checkpoint_path, self.lightning_module, optimizers, weights_only=not trusted)
+        return load_stage_checkpoint(
+            checkpoint_path, self.lightning_module, optimizers, weights_only=not trusted, shards=self._shards()
+        )
+
+    def _shards(self) -> Optional[Shards]:
+        state = self._tensor_parallel
+        if state is None:
+            return None
+        return Shards(state.specs, dist.get_process_group_ranks(state.tp.group))
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
