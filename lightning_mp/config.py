@@ -20,6 +20,7 @@ from typing import Any, Optional
 from lightning_mp.layout import parse_bytes
 from lightning_mp.partition import BALANCE_CHOICES
 from lightning_mp.schedules import SCHEDULE_CHOICES
+from lightning_mp.tp_plan import USER_STYLES
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,7 @@ class ModelParallelConfig:
 
     _target_: str = "lightning_mp.ModelParallel"
     pipeline_parallel_size: Any = "auto"  # stages: a positive int or "auto" (= world size / (dp · tp))
-    tensor_parallel_size: int = 1  # only 1 so far
+    tensor_parallel_size: int = 1  # ranks sharing each layer's weights (Megatron-style, planned automatically)
     data_parallel_size: Any = "auto"  # pipeline replicas: a positive int or "auto"
     microbatches: Any = "auto"  # per batch: a positive int or "auto" (= 2 · pipeline_parallel_size)
     schedule: str = "1f1b"  # auto | gpipe | 1f1b | zero_bubble | none
@@ -49,6 +50,9 @@ class ModelParallelConfig:
     predictions: str = "all"  # where trainer.predict returns predictions: all | rank0
     activation_checkpointing: str = "never"  # recompute layer activations in backward: never | except_last | always
     checkpoint_every_n_layers: int = 1  # with checkpointing on: every n-th layer of a stage (1: all)
+    # tp > 1: module name pattern -> colwise | rowwise | vocab | replicate, overriding the automatic plan
+    tensor_parallel_plan: Optional[dict[str, str]] = None
+    loss_parallel: bool = True  # tp > 1: cross-entropy over vocabulary-sharded logits (False: gather them)
 
 
 def _positive_int_or(*words: str) -> Callable[[Any], bool]:
@@ -85,6 +89,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every_n_layers": (_positive_int_or(), "a positive int"),
     "predictions": (lambda v: v in ("all", "rank0"), "all | rank0"),
     "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "seconds, > 0"),
+    "tensor_parallel_plan": (
+        lambda v: v is None or (isinstance(v, dict) and all(s in USER_STYLES for s in v.values())),
+        "null or a mapping of module name pattern to " + " | ".join(USER_STYLES),
+    ),
 }
 
 

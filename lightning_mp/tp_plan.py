@@ -114,10 +114,11 @@ def plan_tensor_parallel(
     if hf:
         plan.source = "Hugging Face base_model_tp_plan + automatic"
     _embedding_and_head(root, modules, container_name, plan)
+    chosen: set[str] = set()
     if user_plan:
-        _apply_user_plan(user_plan, modules, plan)
+        chosen = _apply_user_plan(user_plan, modules, plan)
         plan.source = "user + automatic"
-    _pair_up(plan, modules, prefix)
+    _pair_up(plan, prefix, keep=chosen)
     for name, style in plan.styles.items():
         module = modules[name]
         if style == "colwise":
@@ -209,7 +210,9 @@ def _embedding_and_head(
                 plan.styles[name] = "head"
 
 
-def _apply_user_plan(user_plan: dict[str, str], modules: dict[str, nn.Module], plan: TensorParallelPlan) -> None:
+def _apply_user_plan(user_plan: dict[str, str], modules: dict[str, nn.Module], plan: TensorParallelPlan) -> set[str]:
+    """Apply the user's styles over the automatic ones; returns the modules the user placed."""
+    chosen: set[str] = set()
     for pattern, style in user_plan.items():
         if style not in USER_STYLES:
             raise ModelSplitError(
@@ -226,6 +229,7 @@ def _apply_user_plan(user_plan: dict[str, str], modules: dict[str, nn.Module], p
         for name in matched:
             module = modules[name]
             if style == "replicate":
+                chosen.add(name)
                 plan.styles.pop(name, None)
                 plan.replicated[name] = "tensor_parallel_plan says replicate"
                 continue
@@ -238,22 +242,33 @@ def _apply_user_plan(user_plan: dict[str, str], modules: dict[str, nn.Module], p
                     f" can be sharded {style}: change the pattern {pattern!r}, or set it to 'replicate'."
                 )
             plan.styles[name] = style
+            chosen.add(name)
+    return chosen
 
 
-def _pair_up(plan: TensorParallelPlan, modules: dict[str, nn.Module], prefix: str) -> None:
-    """Column- and row-wise layers come in pairs within a block: a block with one kind only keeps its layers whole."""
-    blocks: dict[str, dict[str, list[str]]] = {}
+def _pair_up(plan: TensorParallelPlan, prefix: str, keep: set[str]) -> None:
+    """Automatic column-wise layers need a row-wise layer after them (in definition order) within their block to
+    restore the full result, and a row-wise layer needs column-wise ones before it: a layer without its partner
+    stays whole (the user's own choices in ``keep`` are left as given)."""
+    blocks: dict[str, list[str]] = {}
     for name, style in plan.styles.items():
         if style in ("colwise", "rowwise") and name.startswith(prefix):
-            block = prefix + name[len(prefix) :].split(".")[0]
-            blocks.setdefault(block, {"colwise": [], "rowwise": []})[style].append(name)
-    for block, kinds in blocks.items():
-        if bool(kinds["colwise"]) != bool(kinds["rowwise"]):
-            lone = kinds["colwise"] or kinds["rowwise"]
-            other = "row" if kinds["colwise"] else "column"
-            for name in lone:
-                del plan.styles[name]
-                plan.replicated[name] = f"no {other}-wise partner in {block} to restore the full result"
+            blocks.setdefault(name[len(prefix) :].split(".")[0], []).append(name)
+    lone: list[tuple[str, str]] = []
+    for names in blocks.values():
+        pending: list[str] = []
+        for name in names:
+            if plan.styles[name] == "colwise":
+                pending.append(name)
+            elif pending:
+                pending = []
+            else:
+                lone.append((name, "no column-wise layer before it in its block to split its inputs"))
+        lone += [(name, "no row-wise layer after it in its block to restore the full result") for name in pending]
+    for name, why in lone:
+        if name not in keep:
+            del plan.styles[name]
+            plan.replicated[name] = why
 
 
 def _fused_parts(name: str, module: nn.Module, parent: nn.Module) -> tuple[int, ...]:

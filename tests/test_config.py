@@ -37,12 +37,8 @@ def _compose(name: str, overrides: list[str]) -> OmegaConf:
 def test_every_preset_composes(app: str, preset: str, expected: dict) -> None:
     cfg = _compose(app, [f"strategy={preset}"])
     assert {k: cfg.strategy[k] for k in expected} == expected
-    values = check_strategy_config(cfg.strategy)
-    if values["tensor_parallel_size"] == 1:
-        assert isinstance(build_strategy(cfg.strategy), lightning_mp.ModelParallel)
-    else:  # until tensor parallelism lands, refused by name
-        with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
-            build_strategy(cfg.strategy)
+    check_strategy_config(cfg.strategy)
+    assert isinstance(build_strategy(cfg.strategy), lightning_mp.ModelParallel)
 
 
 @pytest.mark.parametrize("balance", ["uniform", "params", "time", "memory"])

@@ -21,9 +21,14 @@ def test_registered_in_lightning_and_pytorch_lightning() -> None:
     assert isinstance(trainer.strategy, pl.strategies.ParallelStrategy)
 
 
-def test_tensor_parallel_is_not_silently_ignored() -> None:
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
-        ModelParallel(tensor_parallel_size=2)
+def test_tensor_parallel_options_are_checked() -> None:
+    assert ModelParallel(tensor_parallel_size=2, tensor_parallel_plan={"blocks.*.mlp.0": "colwise"}).loss_parallel
+    with pytest.raises(LayoutError, match="tensor_parallel_size=0"):
+        ModelParallel(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="tensor_parallel_plan"):
+        ModelParallel(tensor_parallel_size=2, tensor_parallel_plan=["colwise"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rebalance"):
+        ModelParallel(tensor_parallel_size=2, rebalance=True)
 
 
 @pytest.mark.parametrize(
