@@ -284,12 +284,26 @@ class BertWithMetrics(HFBertClassifier):
         self.log("val_f1", self.val_f1)
 
 
+class ExampleGPT(Base):
+    """The self-contained GPT of examples/gpt.py (fused q/k/v in one nn.Linear, tied head), on token batches."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        from examples.gpt import GPT, GPTConfig
+
+        self.gpt = GPT(GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=4, n_head=2, n_embd=32))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.gpt.loss(batch["input_ids"])
+
+
 MODELS = {
     "sequential": SequentialNet,
     "gpt": TinyGPT,
     "hf_gpt2": lambda **kw: HFCausalLM(family="gpt2", **kw),
     "hf_llama": lambda **kw: HFCausalLM(family="llama", **kw),
     "hf_bert": HFBertClassifier,
+    "example_gpt": ExampleGPT,
     "hf_bert_metrics": BertWithMetrics,
     "configured": ConfiguredNet,
 }

@@ -15,7 +15,7 @@ from lightning_mp.tp_plan import plan_tensor_parallel
 from tests.conftest import assert_matches_reference, load_result, run_jobs_or_fail
 from tests.models import make_model
 
-MODELS = ["gpt", "hf_gpt2", "hf_llama", "hf_bert"]
+MODELS = ["gpt", "example_gpt", "hf_gpt2", "hf_llama", "hf_bert"]
 KW = {"batch_size": 6, "n": 20}
 TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "microbatches": 2}
 PP2_TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "microbatches": 3}
