@@ -53,6 +53,7 @@ class ModelParallelConfig:
     # tp > 1: module name pattern -> colwise | rowwise | vocab | replicate, overriding the automatic plan
     tensor_parallel_plan: Optional[dict[str, str]] = None
     loss_parallel: bool = True  # tp > 1: cross-entropy over vocabulary-sharded logits (False: gather them)
+    sequence_parallel: bool = False  # tp > 1: activations inside blocks split along the sequence between TP layers
 
 
 def _positive_int_or(*words: str) -> Callable[[Any], bool]:

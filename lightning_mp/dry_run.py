@@ -16,7 +16,8 @@ from torch import nn
 
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, measure_step_costs
-from lightning_mp.stage import StagePlan
+from lightning_mp.stage import StagePlan, stage_parameters
+from lightning_mp.tp_plan import plan_tensor_parallel
 
 
 def dry_run(
@@ -33,6 +34,7 @@ def dry_run(
     layers: str | None = None,
     hook: str = "training_step",
     max_memory: int | float | str | None = None,
+    tensor_parallel_plan: dict[str, str] | None = None,
 ) -> tuple[StagePlan, dict[str, Any]]:
     """Plan ``model`` as :class:`~lightning_mp.ModelParallel` would, without processes; returns (plan, JSON dict).
 
@@ -40,7 +42,9 @@ def dry_run(
         model: the LightningModule (or any module whose ``hook`` takes ``(batch, batch_idx)``).
         batch: one batch of real data; needed for balance "time"/"memory", and gives predictions for any balance.
         devices: the world size (devices × nodes); defaults to pipeline_parallel_size when that is an int.
-        Other arguments: as for :class:`~lightning_mp.ModelParallel`.
+        Other arguments: as for :class:`~lightning_mp.ModelParallel`. With ``tensor_parallel_size`` > 1 the report
+        also holds the tensor-parallel plan (``tensor_parallel``, and ``tensor_parallel_text`` to print) with each
+        stage's parameter memory per rank.
     """
     world = (
         devices if devices is not None else (pipeline_parallel_size if isinstance(pipeline_parallel_size, int) else 1)
@@ -55,4 +59,9 @@ def dry_run(
     ranks = [[layout.rank_of(d, s, t) for d in range(layout.dp) for t in range(layout.tp)] for s in range(layout.pp)]
     report = plan.to_dict(ranks)
     report.update(layout={"dp": layout.dp, "pp": layout.pp, "tp": layout.tp}, schedule=schedule, microbatches=m)
+    if layout.tp > 1:
+        tp_plan = plan_tensor_parallel(model, plan.layers.container_name, layout.tp, tensor_parallel_plan)
+        memory = tp_plan.memory_report(model, [stage_parameters(model, plan, s) for s in range(layout.pp)])
+        report["tensor_parallel"] = {**tp_plan.to_dict(), "parameters_per_rank": memory}
+        report["tensor_parallel_text"] = tp_plan.format() + "\n" + tp_plan.format_memory(memory)
     return plan, report

@@ -62,7 +62,7 @@ from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, meas
 from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
 from lightning_mp.schedules import SCHEDULE_CHOICES
-from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder
+from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder, stage_parameters
 from lightning_mp.tp_layers import TPGroup, gather_full, loss_parallel
 from lightning_mp.tp_plan import TensorParallelPlan, TensorParallelState, apply_tensor_parallel, plan_tensor_parallel
 from lightning_mp.watchdog import FailureWatch
@@ -127,6 +127,10 @@ class ModelParallel(ParallelStrategy):
         loss_parallel: with tensor parallelism, the LM head hands the loss its logits sharded over the vocabulary
             (a DTensor) and cross-entropy runs vocabulary-parallel, never gathering them; False gathers the logits
             (for a step that does more with them than a loss and ``argmax``).
+        sequence_parallel: with tensor parallelism, split the activations inside each block along the sequence
+            between the split layers (norms, residuals, dropout each hold 1/tp of them: less activation memory, the
+            same communication volume). Needs batch-first models whose blocks' projections are all split and
+            sequence lengths divisible by tensor_parallel_size.
 
     Example:
         >>> trainer = L.Trainer(strategy=ModelParallel(pipeline_parallel_size=2, schedule="gpipe"), devices=2)
@@ -161,6 +165,7 @@ class ModelParallel(ParallelStrategy):
         checkpoint_every_n_layers: int = 1,
         tensor_parallel_plan: Optional[dict[str, str]] = None,
         loss_parallel: bool = True,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -205,6 +210,7 @@ class ModelParallel(ParallelStrategy):
             )
         self.tensor_parallel_plan = dict(tensor_parallel_plan) if tensor_parallel_plan else None
         self.loss_parallel = loss_parallel
+        self.sequence_parallel = sequence_parallel
         if rebalance and isinstance(tensor_parallel_size, int) and tensor_parallel_size > 1:
             raise ValueError("rebalance=True does not move tensor-parallel layers yet: use rebalance=False with tp>1.")
         if rebalance_every != "epoch" and (
@@ -367,10 +373,14 @@ class ModelParallel(ParallelStrategy):
         self.plan = build_plan(
             module, layout.pp, balance, self.layers, measure, self.schedule, self.microbatches, self.max_memory
         )
+        tp_text = ""
         if layout.tp > 1:  # planned on the whole model, applied to this rank's stage once it holds memory
             self.tp_plan = plan_tensor_parallel(
-                module, self.plan.layers.container_name, layout.tp, self.tensor_parallel_plan
+                module, self.plan.layers.container_name, layout.tp, self.tensor_parallel_plan, self.sequence_parallel
             )
+            stages = [stage_parameters(module, self.plan, s) for s in range(layout.pp)]
+            memory = self.tp_plan.memory_report(module, stages)
+            tp_text = "\n" + self.tp_plan.format() + "\n" + self.tp_plan.format_memory(memory)
         runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance)
         container = self.plan.layers.container_name + "."
         if self.rebalance and any(name.startswith(container) for name, _ in runtime.shared_params):
@@ -378,9 +388,7 @@ class ModelParallel(ParallelStrategy):
                 "rebalance=True cannot move layers that share parameters with other stages; use rebalance=False."
             )
         rank_zero_info(
-            self.plan.format()
-            + (("\n" + self.tp_plan.format()) if self.tp_plan is not None else "")
-            + f"\n  layout: {layout}, schedule={self.schedule},"
+            self.plan.format() + tp_text + f"\n  layout: {layout}, schedule={self.schedule},"
             f" microbatches={1 if self.schedule == 'none' else self.microbatches}"
         )
         pp_mesh = self._mesh["pp"]

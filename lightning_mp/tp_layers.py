@@ -145,6 +145,131 @@ def gather_last_dim(x: Tensor, tp: TPGroup, spec: ShardSpec) -> Tensor:
     return torch.cat([s for part in slices for s in part], dim=-1)
 
 
+# ---- sequence parallelism: activations split along the sequence (dim 1) between the tensor-parallel regions ------
+
+SEQ_DIM = 1  # batch-first models: (batch, sequence, features)
+
+
+def _seq_chunk(x: Tensor, tp: TPGroup) -> Tensor:
+    n = x.shape[SEQ_DIM]
+    if n % tp.size:
+        raise ValueError(
+            f"sequence_parallel=True splits the sequence over tensor_parallel_size={tp.size} ranks, but this batch's"
+            f" sequence length is {n}: pad sequences to a multiple of {tp.size}, or set sequence_parallel=False."
+        )
+    return x.narrow(SEQ_DIM, tp.rank * (n // tp.size), n // tp.size)
+
+
+def _seq_all_gather(x: Tensor, tp: TPGroup) -> Tensor:
+    moved = x.movedim(SEQ_DIM, 0).contiguous()
+    out = torch.empty((moved.shape[0] * tp.size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, moved, group=tp.group)
+    return out.movedim(0, SEQ_DIM)
+
+
+def _seq_reduce_scatter(x: Tensor, tp: TPGroup) -> Tensor:
+    _seq_chunk(x, tp)  # checks the length divides
+    moved = x.movedim(SEQ_DIM, 0).contiguous()
+    out = torch.empty((moved.shape[0] // tp.size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, moved, group=tp.group)
+    return out.movedim(0, SEQ_DIM)
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Forward: this rank's slice of the sequence. Backward: the slices' gradients gathered."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return _seq_chunk(x, tp).contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _seq_all_gather(grad, ctx.tp), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Forward: the whole sequence from the ranks' slices. Backward: the gradient summed over the ranks, each rank
+    keeping its slice (the ranks' column-parallel layers each contributed a part)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return _seq_all_gather(x, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _seq_reduce_scatter(grad, ctx.tp), None
+
+
+class _GatherSeqSliceBack(torch.autograd.Function):
+    """Forward: the whole sequence from the ranks' slices. Backward: this rank's slice of the (replicated)
+    gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return _seq_all_gather(x, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _seq_chunk(grad, ctx.tp).contiguous(), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """Forward: the ranks' partial outputs summed, each rank keeping its slice of the sequence. Backward: gathered."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return _seq_reduce_scatter(x, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _seq_all_gather(grad, ctx.tp), None
+
+
+def _map_hidden(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
+    """Apply ``fn`` to a module call's hidden states: the first positional tensor, or the ``hidden_states`` kwarg."""
+    if args and isinstance(args[0], Tensor):
+        return (fn(args[0]), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    raise ValueError(
+        "sequence_parallel=True: found no hidden states (a first positional tensor or a hidden_states= argument)"
+        " in a call of a tensor-parallel module; set sequence_parallel=False for this model."
+    )
+
+
+def install_sequence_parallel(blocks: list[nn.Module], sublayers: list[nn.Module], tp: TPGroup) -> None:
+    """Split the activations along the sequence inside each block: scattered at the block's input, gathered again at
+    its output, and gathered whole at the input of each ``sublayer`` (the modules holding column-parallel layers),
+    whose row-parallel layers reduce-scatter instead of all-reducing."""
+    for block in blocks:
+        block.register_forward_pre_hook(
+            lambda m, a, k: _map_hidden(a, k, lambda x: _ScatterSeq.apply(x, tp)), with_kwargs=True
+        )
+
+        def gather_output(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            if isinstance(out, Tensor):
+                return _GatherSeqSliceBack.apply(out, tp)
+            if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+                return (_GatherSeqSliceBack.apply(out[0], tp), *out[1:])
+            raise ValueError(
+                f"sequence_parallel=True: {type(module).__name__} returned a {type(out).__name__}, not a tensor (or a"
+                " tuple starting with one); set sequence_parallel=False for this model."
+            )
+
+        block.register_forward_hook(gather_output, with_kwargs=True)
+        for sub in block.modules():
+            if getattr(type(sub), "_lmp_style", None) in ("colwise", "rowwise", "replicated_kv"):
+                sub._lmp_sp = True  # type: ignore[assignment]
+    for sublayer in sublayers:
+        sublayer.register_forward_pre_hook(
+            lambda m, a, k: _map_hidden(a, k, lambda x: _GatherSeq.apply(x, tp)), with_kwargs=True
+        )
+
+
 def gather_full(local: Tensor, tp: TPGroup, spec: ShardSpec) -> Tensor:
     """The full tensor of which every rank of ``tp`` holds the part ``spec`` says (a collective of the group)."""
     return gather_last_dim(local.movedim(spec.dim, -1), tp, spec).movedim(-1, spec.dim).contiguous()
@@ -165,14 +290,27 @@ def _tp_of(module: nn.Module) -> TPGroup:
     return module._lmp_tp  # type: ignore[no-any-return]
 
 
+def _enter(module: nn.Module, x: Tensor) -> Tensor:
+    """A column-parallel layer's input: replicated (its gradient summed over the ranks), or under sequence
+    parallelism already gathered by the enclosing module (whose gather sums the gradient)."""
+    return x if getattr(module, "_lmp_sp", False) else copy_to_tp(x, _tp_of(module))
+
+
+def _leave(module: nn.Module, y: Tensor) -> Tensor:
+    """A row-parallel layer's partial output, summed over the ranks (under sequence parallelism: each rank gets the
+    sum for its slice of the sequence)."""
+    tp = _tp_of(module)
+    return _ReduceScatterSeq.apply(y, tp) if getattr(module, "_lmp_sp", False) else reduce_from_tp(y, tp)
+
+
 class _ColwiseLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(copy_to_tp(x, _tp_of(self)), self.weight, self.bias)
+        return F.linear(_enter(self, x), self.weight, self.bias)
 
 
 class _RowwiseLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), _tp_of(self))
+        y = _leave(self, F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -217,12 +355,11 @@ def _conv1d_forward(module: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor
 
 
 def _colwise_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
-    return _conv1d_forward(self, copy_to_tp(x, _tp_of(self)), self.bias)
+    return _conv1d_forward(self, _enter(self, x), self.bias)
 
 
 def _rowwise_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
-    y = reduce_from_tp(_conv1d_forward(self, x, None), _tp_of(self))
-    return y + self.bias
+    return _leave(self, _conv1d_forward(self, x, None)) + self.bias
 
 
 # ---- making a module parallel -------------------------------------------------------------------------------------

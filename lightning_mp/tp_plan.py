@@ -26,7 +26,14 @@ from typing import Any
 from torch import nn
 
 from lightning_mp.errors import ModelSplitError
-from lightning_mp.tp_layers import ShardSpec, TPGroup, is_linear_like, shard_module, weight_dims
+from lightning_mp.tp_layers import (
+    ShardSpec,
+    TPGroup,
+    install_sequence_parallel,
+    is_linear_like,
+    shard_module,
+    weight_dims,
+)
 
 USER_STYLES = ("colwise", "rowwise", "vocab", "replicate")
 
@@ -54,6 +61,8 @@ class TensorParallelPlan:
     """How each module's weights are split over ``size`` ranks (modules not listed are replicated)."""
 
     size: int
+    container: str = ""  # the blocks' container (the pipeline's layers)
+    sequence_parallel: bool = False  # activations split along the sequence between the split layers, in blocks
     styles: dict[str, str] = field(default_factory=dict)  # module name -> colwise | rowwise | vocab | head
     parts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fused colwise module -> its parts' sizes
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> attribute -> per-rank value
@@ -77,6 +86,40 @@ class TensorParallelPlan:
             lines.append(f"    ... and {len(self.replicated) - 5} more replicated")
         return "\n".join(lines)
 
+    def rank_parameter_bytes(self, root: nn.Module, params: list[nn.Parameter]) -> int:
+        """Bytes of ``params`` one rank holds under this plan (tp rank 0, whose share is the largest)."""
+        modules = dict(root.named_modules())
+        split: dict[int, ShardSpec] = {}
+        for name, style in self.styles.items():
+            module = modules.get(name)
+            if module is None or style == "replicated_kv":
+                continue
+            out_dim, in_dim = (0, 1) if style == "vocab" else weight_dims(module)
+            dims = {"weight": in_dim} if style == "rowwise" else {"weight": out_dim, "bias": 0}
+            for pname, dim in dims.items():
+                p = getattr(module, pname, None)
+                if isinstance(p, nn.Parameter):
+                    split[id(p)] = ShardSpec(dim, self.parts.get(name) or (p.shape[dim],), 0, self.size)
+        total = 0
+        for p in params:
+            spec = split.get(id(p))
+            numel = p.numel() if spec is None else p.numel() // spec.full_size * spec.local_size
+            total += numel * p.element_size()
+        return total
+
+    def memory_report(self, root: nn.Module, stage_params: list[list[nn.Parameter]]) -> list[dict[str, float]]:
+        """Per stage: the parameter MiB of the unsplit stage and of one of its tensor-parallel ranks."""
+        report = []
+        for params in stage_params:
+            whole = sum(p.numel() * p.element_size() for p in params)
+            report.append({"stage_mib": whole / 2**20, "rank_mib": self.rank_parameter_bytes(root, params) / 2**20})
+        return report
+
+    @staticmethod
+    def format_memory(report: list[dict[str, float]]) -> str:
+        stages = ", ".join(f"stage {s}: {r['rank_mib']:.1f} of {r['stage_mib']:.1f} MiB" for s, r in enumerate(report))
+        return f"    parameters per rank: {stages}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "size": self.size,
@@ -89,16 +132,21 @@ class TensorParallelPlan:
 
 
 def plan_tensor_parallel(
-    root: nn.Module, container_name: str, size: int, user_plan: dict[str, str] | None = None
+    root: nn.Module,
+    container_name: str,
+    size: int,
+    user_plan: dict[str, str] | None = None,
+    sequence_parallel: bool = False,
 ) -> TensorParallelPlan:
     """The plan for ``root`` whose blocks are the children of ``container_name``; see the module docstring.
 
     Raises:
-        ModelSplitError: a user plan names a style that does not fit the module, a pattern matches nothing, or the
-            head counts (or widths) do not divide by ``size``.
+        ModelSplitError: a user plan names a style that does not fit the module, a pattern matches nothing, the
+            head counts (or widths) do not divide by ``size``, or ``sequence_parallel`` with a block whose
+            projections are not all split (a whole one would see only part of the sequence).
     """
     modules = dict(root.named_modules())
-    plan = TensorParallelPlan(size)
+    plan = TensorParallelPlan(size, container_name, sequence_parallel)
     hf = _hugging_face_styles(root, modules)
     prefix = container_name + "."
     for name, module in modules.items():
@@ -128,7 +176,23 @@ def plan_tensor_parallel(
     for name, module in modules.items():
         if name.startswith(prefix) and is_linear_like(module) and name not in plan.styles:
             plan.replicated.setdefault(name, "no column/row role recognised: name it in tensor_parallel_plan")
+    if sequence_parallel:
+        _check_sequence_parallel(plan, modules, prefix)
     return plan
+
+
+def _check_sequence_parallel(plan: TensorParallelPlan, modules: dict[str, nn.Module], prefix: str) -> None:
+    """Under sequence parallelism a block sees only its rank's part of the sequence outside the split layers: any
+    layer in a block that is kept whole (attention that is not split, a replicated projection) would mix tokens it
+    cannot see."""
+    whole = [n for n in plan.replicated if n.startswith(prefix)]
+    whole += [n for n, m in modules.items() if n.startswith(prefix) and isinstance(m, nn.MultiheadAttention)]
+    if whole:
+        raise ModelSplitError(
+            f"sequence_parallel=True needs every projection inside the blocks split, but {whole[0]} stays whole"
+            f" ({plan.replicated.get(whole[0], 'nn.MultiheadAttention')}); set sequence_parallel=False, or split it"
+            " with tensor_parallel_plan."
+        )
 
 
 def _style_by_name(name: str) -> str | None:
@@ -365,7 +429,9 @@ class TensorParallelState:
 def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup) -> TensorParallelState:
     """Shard the planned modules present in ``root`` (this rank's stage) and set their per-rank attributes.
 
-    A tied parameter (embedding and LM head on one stage) is split once.
+    A tied parameter (embedding and LM head on one stage) is split once. Under sequence parallelism the blocks'
+    whole parameters (norms, row-parallel biases) see part of the sequence: their gradients are summed over the
+    group (``partial_grads``).
     """
     modules = dict(root.named_modules())
     by_param: dict[int, ShardSpec] = {}
@@ -386,6 +452,11 @@ def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup
     named = list(root.named_parameters(remove_duplicate=False))
     partial = {id(p) for name, style in plan.styles.items() if style == "replicated_kv" and name in modules
                for p in modules[name].parameters()}  # fmt: skip
+    if plan.sequence_parallel:
+        blocks = [b for b in modules[plan.container].children() if any(hasattr(m, "_lmp_tp") for m in b.modules())]
+        parents = {n.rpartition(".")[0] for n, s in plan.styles.items() if s in ("colwise", "replicated_kv")}
+        install_sequence_parallel(blocks, [modules[n] for n in sorted(parents) if n in modules], tp)
+        partial |= {id(p) for b in blocks for p in b.parameters() if id(p) not in by_param}
     return TensorParallelState(
         specs={n: by_param[id(p)] for n, p in named if id(p) in by_param},
         partial_grads=[n for n, p in named if id(p) in partial],

@@ -21,6 +21,7 @@ TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "microbatches": 2
 PP2_TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "microbatches": 3}
 CLIP_VAL = {"trainer": {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}, "limit_val_batches": 2,
             "val_check_interval": 2, "max_steps": 3}  # fmt: skip
+SEQUENCE_PARALLEL_MODELS = ["example_gpt", "hf_gpt2", "hf_llama", "hf_bert"]
 USER_PLAN = {"net.0.0": "colwise", "net.1.0": "rowwise", "net.2.0": "colwise", "net.3.0": "rowwise"}
 
 
@@ -88,6 +89,22 @@ def test_heads_that_do_not_divide_are_refused() -> None:
         _plan("hf_gpt2", size=4)
 
 
+def test_sequence_parallel_needs_every_block_projection_split() -> None:
+    with pytest.raises(ModelSplitError, match=r"sequence_parallel=True needs .* blocks\.0\.attn\.out_proj"):
+        plan_tensor_parallel(make_model("gpt"), "blocks", 2, sequence_parallel=True)
+    assert plan_tensor_parallel(make_model("hf_gpt2"), "model.transformer.h", 2, sequence_parallel=True).styles
+
+
+def test_per_rank_parameter_memory_is_reported() -> None:
+    import lightning_mp
+
+    _, report = lightning_mp.dry_run(make_model("example_gpt"), devices=4, pipeline_parallel_size=2,
+                                     tensor_parallel_size=2)  # fmt: skip
+    for stage in report["tensor_parallel"]["parameters_per_rank"]:
+        assert 0.5 <= stage["rank_mib"] / stage["stage_mib"] < 0.53  # norms and position embeddings stay whole
+    assert "parameters per rank: stage 0:" in report["tensor_parallel_text"]
+
+
 def test_uneven_vocabulary_follows_torch_chunk() -> None:
     assert [ShardSpec(0, (5,), r, 2).slices() for r in range(2)] == [[(0, 3)], [(3, 2)]]
     full = torch.arange(10).view(5, 2)
@@ -107,6 +124,11 @@ def _tp2_jobs() -> list[dict[str, Any]]:
     jobs.append({"name": "ref-sequential", "model": "sequential", "model_kwargs": KW})
     user = {**TP2, "tensor_parallel_plan": USER_PLAN}
     jobs.append({"name": "tp2-sequential", "model": "sequential", "model_kwargs": KW, "devices": 2, "strategy": user})
+    sequence = {**TP2, "sequence_parallel": True}
+    for model in SEQUENCE_PARALLEL_MODELS:  # sequence lengths the 2 ranks can split (the example GPT drops one)
+        kw = {**KW, "lengths": [9, 13, 7]} if model == "example_gpt" else KW
+        jobs.append({"name": f"ref-{model}-sp", "model": model, "model_kwargs": kw})
+        jobs.append({"name": f"tp2-{model}-sp", "model": model, "model_kwargs": kw, "devices": 2, "strategy": sequence})
     gathered = {**TP2, "loss_parallel": False}
     jobs.append({"name": "tp2-hf_gpt2-gathered", "model": "hf_gpt2", "model_kwargs": KW, "devices": 2,
                  "strategy": gathered})  # fmt: skip
@@ -131,6 +153,12 @@ def test_tp2_matches_one_process(tp2: Path, model: str) -> None:
     _assert_job_matches(tp2, f"ref-{model}", f"tp2-{model}", 2)
     both = [load_result(tp2, f"tp2-{model}", r)["params"] for r in range(2)]
     assert set(both[0]) == set(both[1]) == set(load_result(tp2, f"ref-{model}", 0)["params"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("model", SEQUENCE_PARALLEL_MODELS)
+def test_tp2_sequence_parallel_matches_one_process(tp2: Path, model: str) -> None:
+    _assert_job_matches(tp2, f"ref-{model}-sp", f"tp2-{model}-sp", 2)
 
 
 @pytest.mark.distributed
