@@ -224,3 +224,24 @@ def test_pp2_tp2_checkpoint_loads_at_other_layouts(pp2_tp2: Path, tmp_path_facto
             assert_matches_reference(ref, load_result(out, job, rank), atol=1e-6)
     saved = load_full_checkpoint(step2)["state_dict"]
     assert saved["model.transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # the full tensor, by its own name
+
+
+# Replicas shuffle and mix samples, so every sequence has one length here (as in test_exactness's dp2 tests).
+DP_KW = {"batch_size": 4, "n": 32, "lengths": [8]}
+
+
+@pytest.mark.distributed
+def test_dp2_pp2_tp2_on_8_processes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The full 3-D mesh: 2 replicas × 2 stages × 2 shards, against one process seeing both replicas' batches."""
+    strategy = {**PP2_TP2, "data_parallel_size": 2, "microbatches": 2}
+    out = run_jobs_or_fail(tmp_path_factory, "dp2pp2tp2", [
+        {"name": "ref", "model": "hf_gpt2", "model_kwargs": {**DP_KW, "batch_size": 8},
+         "replica_order": {"replicas": 2, "batch_size": 4}, "trainer": {"gradient_clip_val": 0.05}},
+        {"name": "3d", "model": "hf_gpt2", "model_kwargs": DP_KW, "devices": 8, "strategy": strategy,
+         "trainer": {"gradient_clip_val": 0.05}},
+    ])  # fmt: skip
+    ref = load_result(out, "ref", 0)
+    results = [load_result(out, "3d", r) for r in range(8)]
+    replica_losses = [results[0]["losses"], results[4]["losses"]]  # each replica reports the loss of its own shard
+    for got in results:
+        assert_matches_reference(ref, {**got, "losses": [sum(v) / 2 for v in zip(*replica_losses)]})
