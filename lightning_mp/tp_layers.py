@@ -303,14 +303,22 @@ def _leave(module: nn.Module, y: Tensor) -> Tensor:
     return _ReduceScatterSeq.apply(y, tp) if getattr(module, "_lmp_sp", False) else reduce_from_tp(y, tp)
 
 
+def _linear(module: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+    """The local product; under zero_bubble its weight gradient is deferred like a plain layer's (weight_grads)."""
+    deferred = getattr(module, "_lmp_deferred", None)
+    if deferred is not None:
+        return deferred.linear(x, module.weight, bias)  # type: ignore[no-any-return]
+    return F.linear(x, module.weight, bias)
+
+
 class _ColwiseLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(_enter(self, x), self.weight, self.bias)
+        return _linear(self, _enter(self, x), self.bias)
 
 
 class _RowwiseLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        y = _leave(self, F.linear(x, self.weight))
+        y = _leave(self, _linear(self, x, None))
         return y if self.bias is None else y + self.bias
 
 
@@ -332,7 +340,7 @@ class _VocabHead(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         tp = _tp_of(self)
-        local = F.linear(copy_to_tp(x, tp), self.weight, self.bias)
+        local = _linear(self, copy_to_tp(x, tp), self.bias)
         spec: ShardSpec = self._lmp_out_spec  # type: ignore[attr-defined]
         if loss_parallel_active():
             return sharded_logits(local, tp, spec)

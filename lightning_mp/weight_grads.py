@@ -36,6 +36,22 @@ class DeferredWeightGrads:
             for sub in module.modules():
                 if type(sub) is nn.Linear:
                     sub.__class__ = self._linear
+                    sub._lmp_deferred = self  # type: ignore[assignment]  # (tensor-parallel layers defer through it)
+
+    def defers(self, weight: Tensor, inputs: Tensor) -> bool:
+        """Whether a linear layer's product with ``weight`` defers its weight gradient now."""
+        return (
+            self.enabled
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+            and not torch.is_autocast_enabled(inputs.device.type)
+        )
+
+    def linear(self, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear``, its weight (and bias) gradient queued when deferring."""
+        if self.defers(weight, inputs):
+            return _LinearInputGradOnly.apply(inputs, weight, bias, self, self.microbatch)
+        return F.linear(inputs, weight, bias)
 
     def defer(self, microbatch: int, weight: Tensor, bias: Tensor | None, inputs: Tensor, grad_out: Tensor) -> None:
         self.pending.setdefault(microbatch, []).append((weight, bias, inputs, grad_out))
@@ -95,14 +111,7 @@ class _LinearInputGradOnly(torch.autograd.Function):
 def _deferring_linear_class(queue: DeferredWeightGrads) -> type[nn.Linear]:
     class Linear(nn.Linear):
         def forward(self, inputs: Tensor) -> Tensor:
-            if (
-                queue.enabled
-                and torch.is_grad_enabled()
-                and self.weight.requires_grad
-                and not torch.is_autocast_enabled(inputs.device.type)
-            ):
-                return _LinearInputGradOnly.apply(inputs, self.weight, self.bias, queue, queue.microbatch)
-            return super().forward(inputs)
+            return queue.linear(inputs, self.weight, self.bias)
 
     Linear.__module__, Linear.__qualname__ = nn.Linear.__module__, nn.Linear.__qualname__
     return Linear
