@@ -80,6 +80,24 @@ def schedules_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tensor_table(rows: list[dict]) -> str:
+    lines = [
+        "| case | d_model | one process s | tp=2 s | speedup (ideal 2×) | of ideal | DTensor styles tp=2 s |"
+        " lightning-mp vs DTensor | parameters per rank vs one process |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        case = "one block" if r["case"] == "block" else f"GPT, {r['layers']} blocks + tied head"
+        dtensor = f"{r['dtensor_tp2_s']:.3f}" if "dtensor_tp2_s" in r else ""
+        versus = f"{r['ours_vs_dtensor']:.2f}×" if "ours_vs_dtensor" in r else ""
+        memory = f"{r['param_mib_per_rank']:.1f} / {r['param_mib_one_process']:.1f} MiB = {r['param_fraction']:.3f}"
+        lines.append(
+            f"| {case} | {r['d_model']} | {r['one_process_s']:.3f} | {r['tp2_s']:.3f} | {r['speedup']:.2f}× |"
+            f" {100 * r['of_ideal']:.1f}% | {dtensor} | {versus} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -87,6 +105,7 @@ def main() -> None:
         ("pipeline-table", pipeline_table),
         ("balance-table", balance_table),
         ("schedules-table", schedules_table),
+        ("tensor-table", tensor_table),
     )
     for name, render in tables:
         results = ROOT / "benchmarks" / f"results-{name.split('-')[0]}.jsonl"

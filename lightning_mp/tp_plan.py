@@ -117,7 +117,7 @@ class TensorParallelPlan:
 
     @staticmethod
     def format_memory(report: list[dict[str, float]]) -> str:
-        stages = ", ".join(f"stage {s}: {r['rank_mib']:.1f} of {r['stage_mib']:.1f} MiB" for s, r in enumerate(report))
+        stages = ", ".join(f"stage {s}: {r['rank_mib']:.3g} of {r['stage_mib']:.3g} MiB" for s, r in enumerate(report))
         return f"    parameters per rank: {stages}"
 
     def to_dict(self) -> dict[str, Any]:
