@@ -70,4 +70,7 @@ class PipelineSummary(L.Callback):
             lines.append(f"  {r['rank']:>4} {r['stage']:>5} {r['busy_s']:>12.3f} {r['wait_s']:>12.3f} {share:>6.1f}%")
         if plan is not None:
             lines.append(plan.format())
+        tp_plan = getattr(strategy, "tp_plan", None)
+        if tp_plan is not None:
+            lines.append(tp_plan.format())
         rank_zero_info("\n".join(lines))

@@ -28,7 +28,6 @@ from lightning_mp.schedules import build_schedule, forward_only
 from lightning_mp.stage import StageRuntime
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 from lightning_mp.timeline import ideal_bubble
-from lightning_mp.tp_layers import to_plain
 from lightning_mp.weight_grads import DeferredWeightGrads
 
 log = logging.getLogger("lightning_mp")
@@ -105,7 +104,7 @@ class PipelineRunner:
         result, records, weights, total = self._run(hook, batch, rest, loss_scale)
         loss = None
         if self.runtime.is_last:
-            losses = [to_plain(loss_value(o)) for o in result.outputs]
+            losses = [loss_value(o) for o in result.outputs]
             if all(v is not None for v in losses):
                 loss = sum(w * v for w, v in zip(weights, losses))  # type: ignore[misc]
         loss = self._share(records, loss, total, result.stats)

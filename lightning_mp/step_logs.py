@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_mp.tp_layers import to_plain
-
 
 @dataclass
 class MetricState:
@@ -106,7 +104,6 @@ def _to_float(value: Any, name: str) -> float:
                 " epoch end yourself."
             )
         value = cache
-    value = to_plain(value)  # a loss computed vocabulary-parallel (tensor parallelism) is a DTensor
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"self.log({name!r}, ...) needs a scalar, got a tensor of shape {tuple(value.shape)}.")

@@ -63,8 +63,9 @@ from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
 from lightning_mp.schedules import SCHEDULE_CHOICES
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder, stage_parameters
-from lightning_mp.tp_layers import TPGroup, gather_full, loss_parallel
+from lightning_mp.tp_layers import TPGroup, gather_full
 from lightning_mp.tp_plan import TensorParallelPlan, TensorParallelState, apply_tensor_parallel, plan_tensor_parallel
+from lightning_mp.vocab_loss import loss_parallel
 from lightning_mp.watchdog import FailureWatch
 
 log = logging.getLogger(__name__)

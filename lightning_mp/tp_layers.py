@@ -275,6 +275,11 @@ def gather_full(local: Tensor, tp: TPGroup, spec: ShardSpec) -> Tensor:
     return gather_last_dim(local.movedim(spec.dim, -1), tp, spec).movedim(-1, spec.dim).contiguous()
 
 
+def gather_logits(local: Tensor, tp: TPGroup, spec: ShardSpec) -> Tensor:
+    """The full last dim from the ranks' slices, differentiably (the gradient keeps this rank's slice)."""
+    return _GatherFromTP.apply(local, tp, spec)
+
+
 def copy_to_tp(x: Tensor, tp: TPGroup) -> Tensor:
     return _CopyToTP.apply(x, tp)
 
@@ -336,15 +341,18 @@ class _VocabEmbedding(nn.Embedding):
 
 
 class _VocabHead(nn.Linear):
-    """Column-parallel over the vocabulary; gathers the logits unless the loss takes them sharded."""
+    """Column-parallel over the vocabulary; under ``vocab_loss.loss_parallel`` the logits stay split (see there),
+    otherwise they are gathered."""
 
     def forward(self, x: Tensor) -> Tensor:
+        from lightning_mp.vocab_loss import ShardedLogits, loss_parallel_active
+
         tp = _tp_of(self)
         local = _linear(self, copy_to_tp(x, tp), self.bias)
         spec: ShardSpec = self._lmp_out_spec  # type: ignore[attr-defined]
         if loss_parallel_active():
-            return sharded_logits(local, tp, spec)
-        return _GatherFromTP.apply(local, tp, spec)
+            return ShardedLogits(local, tp, spec)
+        return gather_logits(local, tp, spec)
 
 
 def _conv1d_class() -> type[nn.Module] | None:
@@ -457,61 +465,3 @@ def shard_module(
     else:
         raise ValueError(f"unknown tensor-parallel style {style!r}: use one of {', '.join(STYLES)}")
     return specs
-
-
-# ---- the vocabulary-parallel loss ---------------------------------------------------------------------------------
-
-_loss_parallel_depth = [0]
-
-
-def loss_parallel_active() -> bool:
-    return _loss_parallel_depth[0] > 0
-
-
-class loss_parallel:
-    """Within: LM heads return their logits as a DTensor sharded over the vocabulary, and cross-entropy on it runs
-    vocabulary-parallel (``torch.distributed.tensor.parallel.loss_parallel``); the backward must run within too."""
-
-    def __enter__(self) -> None:
-        from torch.distributed.tensor.parallel import loss_parallel as torch_loss_parallel
-
-        self._torch = torch_loss_parallel()
-        self._torch.__enter__()
-        _loss_parallel_depth[0] += 1
-
-    def __exit__(self, *exc: Any) -> None:
-        _loss_parallel_depth[0] -= 1
-        self._torch.__exit__(*exc)
-
-
-def sharded_logits(local: Tensor, tp: TPGroup, spec: ShardSpec) -> Tensor:
-    """``local`` logits as a DTensor sharded over the vocabulary (last dim), with gradients flowing to ``local``."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    mesh = _mesh_of(tp)
-    shape = torch.Size((*local.shape[:-1], spec.full_size))
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, [Shard(local.dim() - 1)], run_check=False, shape=shape, stride=stride)
-
-
-_meshes: dict[int, Any] = {}
-
-
-def _mesh_of(tp: TPGroup) -> Any:
-    from torch.distributed.device_mesh import DeviceMesh
-
-    key = id(tp.group)
-    if key not in _meshes:
-        ranks = dist.get_process_group_ranks(tp.group)
-        device = "cuda" if dist.get_backend(tp.group) == "nccl" else "cpu"
-        _meshes[key] = DeviceMesh.from_group(tp.group, device, mesh=torch.tensor(ranks), mesh_dim_names=("tp",))
-    return _meshes[key]
-
-
-def to_plain(value: Any) -> Any:
-    """A DTensor (a loss computed under ``loss_parallel``) as the plain tensor every rank holds in full."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    return value

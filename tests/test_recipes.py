@@ -48,6 +48,16 @@ def test_causal_lm_recipe_trains_on_english_text(tmp_path: Path, model: str) -> 
 
 
 @pytest.mark.distributed
+def test_causal_lm_recipe_with_tensor_and_sequence_parallelism(tmp_path: Path) -> None:
+    overrides = ["model=llama_tiny", "strategy=tp2", "strategy.sequence_parallel=true", f"hydra.run.dir={tmp_path}"]
+    proc = run_script(_recipe("causal_lm", *overrides))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "tensor parallel (tp=2, Hugging Face base_model_tp_plan + automatic plan)" in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metrics"]["val_loss"] < 5.6
+
+
+@pytest.mark.distributed
 def test_a_two_job_multirun_writes_its_sweep_summary(tmp_path: Path) -> None:
     argv = _recipe("causal_lm", "strategy.microbatches=2,4", f"hydra.sweep.dir={tmp_path}")
     proc = run_script([argv[0], "-m", *argv[1:]])
