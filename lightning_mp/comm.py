@@ -5,6 +5,11 @@ tensors and constants. It travels as a pickled header in one fixed-size frame (t
 shape, dtype and whether it needs a gradient) followed by one message per tensor, so the sequence length may change
 from micro-batch to micro-batch with no agreement beforehand. Gradients travel back without a header: the receiver
 knows their shapes from the forward message. Sends are asynchronous; their handles are kept until the step ends.
+
+With interleaved schedules two ranks exchange the messages of several virtual stages, in orders each rank's
+schedule decides: there every message, gradients included, carries a key (direction, stage, micro-batch) in its
+header, and a receiver that reads another message than the one it waits for keeps it until it is asked for. This
+works on any backend: messages between two ranks arrive in the order they were sent.
 """
 
 from __future__ import annotations
@@ -199,51 +204,77 @@ class P2P:
         self.watch = watch
         self.describe = describe
         self._pending: list[tuple[Any, Tensor, int, str]] = []
+        self._stash: dict[tuple[int, Any], Received] = {}  # keyed messages read ahead of their turn, by (src, key)
 
     # forward direction -----------------------------------------------------------------------------------------
-    def send_activation(self, value: Any, dst: int, label: str = "an activation") -> list[Tensor]:
-        """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back)."""
+    def send_activation(self, value: Any, dst: int, label: str = "an activation", key: Any = None) -> list[Tensor]:
+        """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back). With ``key`` the
+        message is keyed (see the module docstring) and must be received by :meth:`recv_activation` with it."""
         tensors, spec = flatten(value)
         metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
-        for frame in encode_frames(pickle.dumps((spec, metas)), self.device):
+        header = (spec, metas) if key is None else (key, spec, metas)
+        for frame in encode_frames(pickle.dumps(header), self.device):
             self._isend(frame, dst, label)
         for t in tensors:
             self._isend(t.detach().contiguous(), dst, label)
         return tensors
 
-    def recv_activation(self, src: int, label: str = "an activation") -> Received:
+    def recv_activation(self, src: int, label: str = "an activation", key: Any = None) -> Received:
         """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
+        if key is not None:
+            return self._recv_keyed(src, key, label)
+        (spec, metas), tensors = self._recv_message(src, label)
+        return Received(unflatten(spec, tensors), tensors, metas)
+
+    def _recv_message(self, src: int, label: str) -> tuple[Any, list[Tensor]]:
+        """(header, tensors) of the next message from ``src``; the header's last item is the tensors' metas."""
         first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
         self._recv(first, src, label)
         rest = None
         if frame_overflow(first):
             rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
             self._recv(rest, src, label)
-        spec, metas = pickle.loads(decode_frames(first, rest))
+        header = pickle.loads(decode_frames(first, rest))
         tensors = []
-        for meta in metas:
+        for meta in header[-1]:
             t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
             self._recv(t, src, label)
             tensors.append(t.requires_grad_(meta.requires_grad and torch.is_grad_enabled()))
-        return Received(unflatten(spec, tensors), tensors, metas)
+        return header, tensors
+
+    def _recv_keyed(self, src: int, key: Any, label: str) -> Received:
+        """The message ``key`` from ``src``, reading (and keeping) the ones sent before it."""
+        while (src, key) not in self._stash:
+            (found, spec, metas), tensors = self._recv_message(src, label)
+            self._stash[(src, found)] = Received(unflatten(spec, tensors), tensors, metas)
+        return self._stash.pop((src, key))
 
     # backward direction ----------------------------------------------------------------------------------------
-    def send_grads(self, received: Received, dst: int, label: str = "a gradient") -> None:
+    def send_grads(self, received: Received, dst: int, label: str = "a gradient", key: Any = None) -> None:
         """Send the gradients of the received leaves that needed one (zeros where none arrived)."""
-        for t, meta in zip(received.tensors, received.metas):
-            if meta.requires_grad:
-                grad = t.grad if t.grad is not None else torch.zeros_like(t)
-                self._isend(grad.contiguous(), dst, label)
+        grads = [
+            (t.grad if t.grad is not None else torch.zeros_like(t)).contiguous()
+            for t, meta in zip(received.tensors, received.metas)
+            if meta.requires_grad
+        ]
+        if key is not None:  # gradients need none themselves: their metas say so, whatever the grad mode
+            self.send_activation([g.detach() for g in grads], dst, label, key)
+            return
+        for grad in grads:
+            self._isend(grad, dst, label)
 
-    def recv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> tuple[list[Tensor], list[Tensor]]:
+    def recv_grads(
+        self, sent: list[Tensor], src: int, label: str = "a gradient", key: Any = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward."""
-        outputs, grads = [], []
-        for t in sent:
-            if t.requires_grad:
-                g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                self._recv(g, src, label)
-                outputs.append(t)
-                grads.append(g)
+        outputs = [t for t in sent if t.requires_grad]
+        if key is not None:
+            return outputs, list(self._recv_keyed(src, key, label).value)
+        grads = []
+        for t in outputs:
+            g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            self._recv(g, src, label)
+            grads.append(g)
         return outputs, grads
 
     def irecv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> PendingGrads:

@@ -48,22 +48,25 @@ class _InFlight:
 
 
 class PipelineExecutor:
-    """Executes schedule actions on one stage. ``run_microbatch(i)`` runs the user's step on micro-batch ``i``."""
+    """Executes schedule actions on one stage. ``run_microbatch(i)`` runs the user's step on micro-batch ``i``.
+
+    ``rank_of_stage(k)`` is the global rank that runs (virtual) stage ``k``. With several stages per rank
+    (``runtime.chunks``) every message is keyed by its stage and micro-batch (see comm.py).
+    """
 
     def __init__(
         self,
         runtime: StageRuntime,
         p2p: P2P,
-        prev_rank: int | None,
-        next_rank: int | None,
+        rank_of_stage: Callable[[int], int],
         activation_checkpointing: str = "never",
         deferred: DeferredWeightGrads | None = None,
     ) -> None:
         self.runtime = runtime
         self.deferred = deferred  # zero_bubble: weight gradients run while waiting (weight_grads.py)
         self.p2p = p2p
-        self.prev_rank = prev_rank
-        self.next_rank = next_rank
+        self.rank_of_stage = rank_of_stage
+        self.keyed = len(runtime.chunks) > 1
         self.activation_checkpointing = activation_checkpointing
         self.time_origin = time.perf_counter()  # spans are relative to it (set alike on every rank after a barrier)
         self._memory = _ActivationMemory()
@@ -78,7 +81,7 @@ class PipelineExecutor:
         result = StepResult(outputs=[None] * (max(a.microbatch for a in actions) + 1))
         stats = result.stats
         start = time.perf_counter()
-        in_flight: dict[int, _InFlight] = {}
+        in_flight: dict[tuple[int, int], _InFlight] = {}
         last = len(result.outputs) - 1
         self._memory.start(self.runtime.parameter_storages() if loss_weights is not None else None)
         deferred = self.deferred if loss_weights is not None else None
@@ -86,6 +89,7 @@ class PipelineExecutor:
             deferred.enabled = True
         try:
             for action in actions:
+                key = (action.microbatch, action.stage)
                 if deferred is not None:
                     deferred.microbatch = action.microbatch
                 if action.kind == "F":
@@ -93,18 +97,18 @@ class PipelineExecutor:
                         self.activation_checkpointing == "always"
                         or (self.activation_checkpointing == "except_last" and action.microbatch != last)
                     )
-                    with self._memory.saving(action.microbatch):
-                        in_flight[action.microbatch] = self._forward(action.microbatch, run_microbatch, result)
+                    with self._memory.saving(key):
+                        in_flight[key] = self._forward(action, run_microbatch, result)
                     if loss_weights is None:
-                        in_flight.pop(action.microbatch)
-                    elif self.runtime.is_last:
+                        in_flight.pop(key)
+                    elif self.runtime.is_final(action.stage):
                         output = result.outputs[action.microbatch]
                         loss = _loss_of(output)
                         if loss is not None:
-                            in_flight[action.microbatch].loss = loss * loss_weights[action.microbatch]
+                            in_flight[key].loss = loss * loss_weights[action.microbatch]
                 else:
-                    self._backward(action.microbatch, in_flight.pop(action.microbatch), stats)
-                    self._memory.free(action.microbatch)
+                    self._backward(action, in_flight.pop(key), stats)
+                    self._memory.free(key)
                     if deferred is not None:  # hold at most as many micro-batches' inputs as 1F1B holds
                         self._run_deferred(stats, keep=self.runtime.plan.num_stages - self.runtime.stage)
             if deferred is not None:
@@ -139,15 +143,22 @@ class PipelineExecutor:
         stats.spans.append((kind, microbatch, start - self.time_origin, end - self.time_origin))
         return end - start
 
-    def _forward(self, index: int, run_microbatch: Callable[[int], Any], result: StepResult) -> _InFlight:
+    def _key(self, kind: str, stage: int, index: int) -> tuple[str, int, int] | None:
+        """The key of a message to (virtual) stage ``stage`` about micro-batch ``index`` (None: unkeyed)."""
+        return (kind, stage, index) if self.keyed else None
+
+    def _forward(self, action: Action, run_microbatch: Callable[[int], Any], result: StepResult) -> _InFlight:
         stats = result.stats
         item = _InFlight()
-        if self.prev_rank is not None:
+        index, stage = action.microbatch, action.stage
+        if stage > 0:
             t0 = time.perf_counter()
-            item.received = self.p2p.recv_activation(self.prev_rank, f"the activation of micro-batch {index}")
+            label = f"the activation of micro-batch {index}"
+            key = self._key("F", stage, index)
+            item.received = self.p2p.recv_activation(self.rank_of_stage(stage - 1), label, key)
             stats.wait += self._span(stats, "recv", index, t0)
         t0 = time.perf_counter()
-        self.runtime.begin_forward(item.received)
+        self.runtime.begin_forward(item.received, stage)
         output = None
         try:
             output = run_microbatch(index)
@@ -158,36 +169,40 @@ class PipelineExecutor:
             raise
         captured = self.runtime.end_forward()
         stats.busy += self._span(stats, "F", index, t0)
-        if self.runtime.is_last:
+        if self.runtime.is_final(stage):
             result.outputs[index] = output
         else:
             label = f"the activation of micro-batch {index}"
-            item.sent = self.p2p.send_activation(captured, self.next_rank, label)  # type: ignore[arg-type]
+            key = self._key("F", stage + 1, index)
+            item.sent = self.p2p.send_activation(captured, self.rank_of_stage(stage + 1), label, key)
         return item
 
-    def _backward(self, index: int, item: _InFlight, stats: StepStats) -> None:
+    def _backward(self, action: Action, item: _InFlight, stats: StepStats) -> None:
+        index, stage = action.microbatch, action.stage
         label = f"the gradient of micro-batch {index}"
-        if self.runtime.is_last:
+        if self.runtime.is_final(stage):
             t0 = time.perf_counter()
             if item.loss is not None and item.loss.requires_grad:
                 item.loss.backward()
         else:
+            source = self.rank_of_stage(stage + 1)
             if self.deferred is not None and self.deferred.enabled:
-                pending = self.p2p.irecv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
+                pending = self.p2p.irecv_grads(item.sent, source, label)
                 while self.deferred.has_pending() and not pending.ready():  # fill the wait with weight gradients
                     self._run_deferred(stats, one=True)
                 t0 = time.perf_counter()
                 outputs, grads = pending.wait()
             else:
                 t0 = time.perf_counter()
-                outputs, grads = self.p2p.recv_grads(item.sent, self.next_rank, label)  # type: ignore[arg-type]
+                outputs, grads = self.p2p.recv_grads(item.sent, source, label, self._key("B", stage, index))
             stats.wait += self._span(stats, "recv", index, t0)
             t0 = time.perf_counter()
             if outputs:
                 torch.autograd.backward(outputs, grads)
         stats.busy += self._span(stats, "B", index, t0)
         if item.received is not None:
-            self.p2p.send_grads(item.received, self.prev_rank, label)  # type: ignore[arg-type]
+            key = self._key("B", stage - 1, index)
+            self.p2p.send_grads(item.received, self.rank_of_stage(stage - 1), label, key)
 
 
 class _ActivationMemory:
@@ -196,14 +211,14 @@ class _ActivationMemory:
 
     def __init__(self) -> None:
         self.params: set[int] | None = None
-        self.held: dict[int, int] = {}
+        self.held: dict[Any, int] = {}  # bytes by in-flight (micro-batch, stage)
         self.peak = 0
 
     def start(self, param_storages: set[int] | None) -> None:
         self.params, self.held, self.peak = param_storages, {}, 0
 
     @contextlib.contextmanager
-    def saving(self, microbatch: int) -> Iterator[None]:
+    def saving(self, microbatch: Any) -> Iterator[None]:
         if self.params is None:  # forward only: nothing is saved for a backward
             yield
             return
@@ -218,7 +233,7 @@ class _ActivationMemory:
             yield
         self.peak = max(self.peak, sum(self.held.values()))
 
-    def free(self, microbatch: int) -> None:
+    def free(self, microbatch: Any) -> None:
         self.held.pop(microbatch, None)
 
     def stop(self) -> int:

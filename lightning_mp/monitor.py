@@ -33,6 +33,7 @@ class StageMonitor:
     """
 
     balance: list[int]
+    advise: bool = True  # False: metrics only (virtual stages: a rank's layers are not one contiguous run)
     threshold: float = 0.15
     warmup: int = 2
     steps: int = 0
@@ -74,7 +75,7 @@ class StageMonitor:
         holds beyond its layers (embeddings on the first stage, head and loss on the last) stays with that stage.
         Without per-layer timings, each layer costs its stage's busy time divided by its layer count.
         """
-        if self.imbalance <= 1.0 + self.threshold:
+        if not self.advise or self.imbalance <= 1.0 + self.threshold:
             return None
         p = len(self.balance)
         if self.layer_forward_sum:

@@ -72,22 +72,26 @@ class PipelineRunner:
         self.schedule = schedule
         self.device = device
         self.microbatches = 1 if schedule == "none" else microbatches
-        stage = runtime.stage
+        self.chunks = len(runtime.chunks)  # (virtual) stages per rank: > 1 with interleaved schedules
+        positions = len(self.pp_ranks)
         self.executor = PipelineExecutor(
             runtime,
             p2p or P2P(device),
-            prev_rank=self.pp_ranks[stage - 1] if stage > 0 else None,
-            next_rank=self.pp_ranks[stage + 1] if not runtime.is_last else None,
+            rank_of_stage=lambda k: self.pp_ranks[k % positions],
             activation_checkpointing=activation_checkpointing,
             deferred=self._deferred_weight_grads(runtime) if schedule == "zero_bubble" else None,
         )
         # the most recent steps only: a long run must not grow memory with its step count
         self.history: deque[StepStats] = deque(maxlen=HISTORY_STEPS)
         self.timelines: deque[list[StepStats]] = deque(maxlen=TIMELINE_STEPS)  # every stage's, with spans
-        self.monitor = StageMonitor(list(runtime.plan.balance)) if monitor else None
+        self.monitor = StageMonitor(self._layers_per_rank(), advise=self.chunks == 1) if monitor else None
         self._advised = False
         # around every step's forwards and backwards (tensor parallelism's vocabulary-parallel loss)
         self.step_context: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+    def _layers_per_rank(self) -> list[int]:
+        balance, positions = self.runtime.plan.balance, len(self.pp_ranks)
+        return [sum(balance[k] for k in range(r, len(balance), positions)) for r in range(positions)]
 
     @staticmethod
     def _deferred_weight_grads(runtime: StageRuntime) -> DeferredWeightGrads:
@@ -153,9 +157,9 @@ class PipelineRunner:
         records = LogRecords()
         stage, stages = self.runtime.stage, len(self.pp_ranks)
         if loss_scale is None:
-            actions, loss_weights = forward_only(stage, stages, len(microbatches)), None
+            actions, loss_weights = forward_only(stage, stages, len(microbatches), self.chunks), None
         else:
-            actions = build_schedule(self.schedule, stage, stages, len(microbatches))
+            actions = build_schedule(self.schedule, stage, stages, len(microbatches), self.chunks)
             loss_weights = [w * loss_scale for w in weights]
         with self.step_context():
             result = self.executor.run(actions, self._step_fn(hook, microbatches, rest, records, weights), loss_weights)
@@ -193,7 +197,7 @@ class PipelineRunner:
             stages = [s for _, s in everyone]
             self.timelines.append(stages)
             metrics = self.monitor.update(stages)
-            metrics["pipeline/bubble_ideal"] = ideal_bubble(self.schedule, len(stages), self.microbatches)
+            metrics["pipeline/bubble_ideal"] = ideal_bubble(self.schedule, len(stages), self.microbatches, self.chunks)
             for stage, s in enumerate(stages):
                 metrics[f"pipeline/stage{stage}_peak_activation_mb"] = s.peak_activation_bytes / 2**20
             for name, value in metrics.items():
@@ -205,7 +209,7 @@ class PipelineRunner:
     def reset_monitor(self) -> None:
         """Start measuring afresh (after the split changed)."""
         if self.monitor is not None:
-            self.monitor = StageMonitor(list(self.runtime.plan.balance))
+            self.monitor = StageMonitor(self._layers_per_rank(), advise=self.chunks == 1)
 
     def _advise(self) -> None:
         """Once, after enough steps: say so when the stages are imbalanced, with the split that fixes it."""

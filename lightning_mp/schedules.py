@@ -1,34 +1,38 @@
 """Pipeline schedules as data: the ordered forward/backward actions each stage runs in one step.
 
-A schedule is a pure function of (stage, number of stages, number of micro-batches); the executor turns its actions
-into computation and point-to-point messages. Sends are posted asynchronously and each rank blocks only on the
-receive its next action needs, so any order below in which every stage runs the forwards in micro-batch order and the
-backwards in micro-batch order is free of deadlock.
+A schedule is a pure function of (stage, number of stages, number of micro-batches[, chunks per rank]); the
+executor turns its actions into computation and point-to-point messages. Sends are posted asynchronously and each
+rank blocks only on the receive its next action needs, so any order below in which every stage runs the forwards in
+micro-batch order and the backwards in micro-batch order is free of deadlock; the interleaved schedule, whose ranks
+run several virtual stages, is checked by :func:`simulate` before use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
-ScheduleName = Literal["auto", "gpipe", "1f1b", "zero_bubble", "none"]
+ScheduleName = Literal["auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "none"]
 # "auto" is resolved to one of the others when the model is known (planning.choose_schedule)
-SCHEDULE_CHOICES: tuple[str, ...] = ("auto", "gpipe", "1f1b", "zero_bubble", "none")
+SCHEDULE_CHOICES: tuple[str, ...] = ("auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "none")
 
 
 class Action(NamedTuple):
-    """One unit of work: ``kind`` is "F" (forward) or "B" (backward) of micro-batch ``microbatch``."""
+    """One unit of work: ``kind`` is "F" (forward) or "B" (backward) of micro-batch ``microbatch`` on the (virtual)
+    stage ``stage``: the rank's own stage, or with interleaving one of the stages it runs."""
 
     kind: str
     microbatch: int
+    stage: int = 0
 
     def __repr__(self) -> str:
-        return f"{self.kind}{self.microbatch}"
+        return f"{self.kind}{self.microbatch}" + (f"@{self.stage}" if self.stage else "")
 
 
 def gpipe(stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
     """Fill-drain: all forwards, then all backwards. Holds the activations of every micro-batch."""
-    return [Action("F", i) for i in range(num_microbatches)] + [Action("B", i) for i in range(num_microbatches)]
+    forwards = [Action("F", i, stage) for i in range(num_microbatches)]
+    return forwards + [Action("B", i, stage) for i in range(num_microbatches)]
 
 
 def one_f_one_b(stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
@@ -37,19 +41,80 @@ def one_f_one_b(stage: int, num_stages: int, num_microbatches: int) -> list[Acti
     Same bubble as GPipe, but a stage holds the activations of at most ``num_stages - stage`` micro-batches.
     """
     warmup = min(num_stages - stage - 1, num_microbatches)
-    actions = [Action("F", i) for i in range(warmup)]
+    actions = [Action("F", i, stage) for i in range(warmup)]
     next_backward = 0
     for i in range(warmup, num_microbatches):
-        actions.append(Action("F", i))
-        actions.append(Action("B", next_backward))
+        actions.append(Action("F", i, stage))
+        actions.append(Action("B", next_backward, stage))
         next_backward += 1
-    actions.extend(Action("B", i) for i in range(next_backward, num_microbatches))
+    actions.extend(Action("B", i, stage) for i in range(next_backward, num_microbatches))
     return actions
 
 
-def forward_only(stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
-    """Evaluation: forwards only."""
-    return [Action("F", i) for i in range(num_microbatches)]
+def interleaved_1f1b(stage: int, num_stages: int, num_microbatches: int, chunks: int = 2) -> list[Action]:
+    """Interleaved 1F1B (Narayanan et al. 2021): rank ``stage`` runs ``chunks`` smaller stages, the virtual stages
+    ``stage``, ``stage + p``, ... of ``p · chunks``, which cuts the bubble to (p−1)/(chunks·m + p−1).
+
+    Micro-batches go in rounds of ``p``: a round runs through the rank's first chunk, then its second, and so on;
+    backwards run the chunks in reverse. After a warm-up of forwards, one forward and one backward alternate. When
+    ``p`` does not divide ``m`` (or ``m < p``) the last round is shorter, and the warm-up grows until a simulation
+    of every rank's order completes.
+    """
+    p, m = num_stages, num_microbatches
+    extra = 0
+    while True:
+        orders = [_interleaved_order(r, p, m, chunks, extra) for r in range(p)]
+        if simulate(orders, p * chunks):
+            return orders[stage]
+        extra += 1
+
+
+def _interleaved_order(rank: int, p: int, m: int, chunks: int, extra: int) -> list[Action]:
+    forwards = _chunked_forwards(rank, p, m, chunks)
+    rounds = [range(start, min(start + p, m)) for start in range(0, m, p)]
+    mine = [rank + j * p for j in range(chunks)]
+    backwards = [Action("B", i, k) for r in rounds for k in reversed(mine) for i in r]
+    warmup = min(len(forwards), (p - rank - 1) * 2 + (chunks - 1) * p + extra)
+    actions = forwards[:warmup]
+    for forward, backward in zip(forwards[warmup:], backwards):
+        actions += [forward, backward]
+    return actions + backwards[len(forwards) - warmup :]
+
+
+def _chunked_forwards(rank: int, p: int, m: int, chunks: int) -> list[Action]:
+    """The forwards of a rank's chunks: micro-batches in rounds of ``p``, each round through the chunks in order."""
+    rounds = [range(start, min(start + p, m)) for start in range(0, m, p)]
+    return [Action("F", i, rank + j * p) for r in rounds for j in range(chunks) for i in r]
+
+
+def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
+    """Whether every rank runs its order to the end when it blocks only on what its next action needs (a forward:
+    the previous virtual stage's forward; a backward: its own forward and the next stage's backward) and sends never
+    block. False means the orders would deadlock."""
+    done: set[tuple[str, int, int]] = set()
+    position = [0] * len(orders)
+    moved = True
+    while moved:
+        moved = False
+        for r, order in enumerate(orders):
+            while position[r] < len(order):
+                a = order[position[r]]
+                if a.kind == "F":
+                    ready = a.stage == 0 or ("F", a.microbatch, a.stage - 1) in done
+                else:
+                    after = a.stage == num_virtual - 1 or ("B", a.microbatch, a.stage + 1) in done
+                    ready = after and ("F", a.microbatch, a.stage) in done
+                if not ready:
+                    break
+                done.add((a.kind, a.microbatch, a.stage))
+                position[r] += 1
+                moved = True
+    return all(position[r] == len(order) for r, order in enumerate(orders))
+
+
+def forward_only(stage: int, num_stages: int, num_microbatches: int, chunks: int = 1) -> list[Action]:
+    """Evaluation: forwards only (through each of the rank's chunks, in rounds of ``num_stages`` micro-batches)."""
+    return _chunked_forwards(stage, num_stages, num_microbatches, chunks)
 
 
 SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
@@ -63,8 +128,11 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
 }
 
 
-def build_schedule(name: str, stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
-    """The actions of ``stage`` for one training step under schedule ``name``."""
+def build_schedule(name: str, stage: int, num_stages: int, num_microbatches: int, chunks: int = 1) -> list[Action]:
+    """The actions of rank ``stage`` (of ``num_stages``) for one training step under schedule ``name``; with
+    ``chunks`` > 1 (interleaved_1f1b) its actions on each of its virtual stages."""
+    if name == "interleaved_1f1b":
+        return interleaved_1f1b(stage, num_stages, num_microbatches, chunks)
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not supported: choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](stage, num_stages, num_microbatches)

@@ -17,6 +17,7 @@ The user's own code keeps running on every stage. On stage ``s``, whose layers a
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class StagePlan:
     balance_method: str = "uniform"
     param_counts: list[int] | None = None  # parameters each stage holds (tied weights on each stage using them)
     prediction: PlanPrediction | None = None  # from measured layer costs, when they were measured
+    positions: int | None = (
+        None  # with virtual stages (interleaving): the pipeline ranks; stage s runs on s % positions
+    )
 
     @property
     def num_stages(self) -> int:
@@ -137,8 +141,9 @@ class StagePlan:
                     f", {1e3 * pred.stage_time[row['stage']]:.1f} ms/micro-batch,"
                     f" {pred.stage_memory[row['stage']] / 2**20:.1f} MiB"
                 )
+            where = f" (on pipeline rank {row['stage'] % self.positions})" if self.positions else ""
             lines.append(
-                f"  stage {row['stage']}: {row['layers']} ({_count(row['num_layers'], 'layer')}{params})"
+                f"  stage {row['stage']}{where}: {row['layers']} ({_count(row['num_layers'], 'layer')}{params})"
                 + (f"; {'; '.join(extra)}" if extra else "")
             )
         if self.prediction is not None:
@@ -152,6 +157,7 @@ class StagePlan:
 
 @dataclass
 class _ForwardState:
+    chunk: int = -1  # the (virtual) stage this forward runs
     received: Received | None = None
     detached: Any = None
     captured: Any = None
@@ -163,14 +169,23 @@ class _ForwardState:
 class StageRuntime:
     """Applies a :class:`StagePlan` to the model of one rank and drives its stand-ins and hooks during a forward."""
 
-    def __init__(self, root: nn.Module, plan: StagePlan, stage: int, movable: bool = False) -> None:
+    def __init__(
+        self, root: nn.Module, plan: StagePlan, stage: int, movable: bool = False, chunks: list[int] | None = None
+    ) -> None:
         """``movable``: keep a parameter-less (meta-device) skeleton of every other stage's layer, so that layers
-        can move between stages later (:meth:`release_layer`, :meth:`adopt_layer`)."""
+        can move between stages later (:meth:`release_layer`, :meth:`adopt_layer`). ``chunks``: with interleaved
+        schedules, the virtual stages of ``plan`` this rank (pipeline position ``stage``) runs; each forward runs
+        one of them (:meth:`begin_forward`), the rank's other layers standing in as remote ones."""
         self.plan = plan
         self.stage = stage
-        self.is_first = stage == 0
-        self.is_last = stage == plan.num_stages - 1
-        self.own_layers = plan.layer_range(stage)
+        self.chunks = list(chunks) if chunks is not None else [stage]
+        self.is_first = 0 in self.chunks
+        self.is_last = plan.num_stages - 1 in self.chunks
+        self.active = plan.layer_range(self.chunks[0])  # the layers of the (virtual) stage running
+        self.own_layers: range | list[int] = (
+            self.active if len(self.chunks) == 1 else [i for k in self.chunks for i in plan.layer_range(k)]
+        )
+        self._slot = {index: n for n, index in enumerate(self.own_layers)}
         self._state = _ForwardState()
         # Tensors of first-stage modules on later stages: a gradient reaching one means the model routes something
         # around the layers, which a split at the layers cannot carry (see check_no_bypass).
@@ -194,13 +209,16 @@ class StageRuntime:
     # ---- set-up -------------------------------------------------------------------------------------------------
     def _install(self, root: nn.Module) -> None:
         layers = self.plan.layers
-        needed = {id(p) for p in stage_parameters(root, self.plan, self.stage)}
+        needed = {id(p) for k in self.chunks for p in stage_parameters(root, self.plan, k)}
+        last_of = {self.plan.layer_range(k).stop - 1: k for k in self.chunks}
         for i in range(layers.num_layers):
-            if i in self.own_layers:
+            if i in self._slot:
                 self._trace(i)
                 _checkpoint_when(layers.layer(i), self, i)
-                if i == self.own_layers.stop - 1:
-                    _call_then(layers.layer(i), self._capture)
+                if i in last_of:
+                    _call_then(layers.layer(i), functools.partial(self._capture, chunk=last_of[i]))
+                if len(self.chunks) > 1:
+                    _run_when_active(layers.layer(i), self, i)
             else:
                 original = layers.layer(i)
                 if self.movable:
@@ -232,7 +250,7 @@ class StageRuntime:
         block = self.plan.layers.layer(index)
         self._trace_handles.pop(index).remove()
         _undo_call_then(block)
-        self._skeletons[index] = block.to("meta")
+        self._skeletons[index] = block.to("meta")  # (rebalancing runs without virtual stages)
         self.plan.layers.container[index] = RemoteLayer(index, self, block)  # type: ignore[index]
 
     def adopt_layer(self, index: int, state: dict[str, Tensor], device: torch.device) -> nn.Module:
@@ -250,24 +268,32 @@ class StageRuntime:
         _undo_call_then(old_last)
         self.plan.balance = list(balance)
         self.plan.param_counts = self.plan.prediction = None  # predictions were for the old split
-        self.own_layers = self.plan.layer_range(self.stage)
+        self.active = self.own_layers = self.plan.layer_range(self.stage)
+        self._slot = {index: n for n, index in enumerate(self.own_layers)}
         self.layer_forward_s = [0.0] * len(self.own_layers)
-        _call_then(self.plan.layers.layer(self.own_layers.stop - 1), self._capture)
+        last = self.own_layers.stop - 1
+        _call_then(self.plan.layers.layer(last), functools.partial(self._capture, chunk=self.stage))
 
     # ---- one forward --------------------------------------------------------------------------------------------
-    def begin_forward(self, received: Received | None) -> None:
-        """Arm the stand-ins and hooks for one micro-batch's forward."""
+    def begin_forward(self, received: Received | None, chunk: int | None = None) -> None:
+        """Arm the stand-ins and hooks for one micro-batch's forward of ``chunk`` (default: the rank's stage)."""
+        chunk = self.chunks[0] if chunk is None else chunk
+        self.active = self.plan.layer_range(chunk)
         detached = None
         if received is not None:
             detached = unflatten(flatten(received.value)[1], [t.detach() for t in received.tensors])
         self._state = _ForwardState(
-            received=received, detached=detached, active=True, grad_enabled=torch.is_grad_enabled()
+            chunk=chunk, received=received, detached=detached, active=True, grad_enabled=torch.is_grad_enabled()
         )
+
+    def is_final(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the model's last (virtual) stage: the one that runs the head and the loss."""
+        return chunk == self.plan.num_stages - 1
 
     def end_forward(self) -> Any:
         """Disarm and return what the last own layer produced; check that the layers ran once each, in order."""
         state, self._state = self._state, _ForwardState()
-        last_needed = self.plan.layers.num_layers - 1 if self.is_last else self.own_layers.stop - 1
+        last_needed = self.plan.layers.num_layers - 1 if self.is_final(state.chunk) else self.active.stop - 1
         if state.calls != list(range(last_needed + 1)):
             raise ModelSplitError(self._trace_problem(state.calls, last_needed))
         return state.captured
@@ -314,7 +340,7 @@ class StageRuntime:
         now = time.perf_counter()
         running = self._timing
         if running is not None:
-            self.layer_forward_s[running[0] - self.own_layers.start] += now - running[1]
+            self.layer_forward_s[self._slot[running[0]]] += now - running[1]
         self._timing = (starting, now) if starting is not None else None
 
     def parameter_storages(self) -> set[int]:
@@ -326,22 +352,22 @@ class StageRuntime:
         times, self.layer_forward_s = self.layer_forward_s, [0.0] * len(self.own_layers)
         return times
 
-    def _capture(self, output: Any) -> Any:
+    def _capture(self, output: Any, chunk: int) -> Any:
         state = self._state
-        if state.active and state.captured is None:
+        if state.active and state.captured is None and chunk == state.chunk:
             self._time_layer(None)
             state.captured = output
-            if not self.is_last:
+            if not self.is_final(chunk):
                 if state.grad_enabled and self._trains_own_layers() and not _carries_grad(output):
                     raise PipelineError(self._no_grad_message())
                 raise StageDone
         return output
 
     def _trains_own_layers(self) -> bool:
-        return any(p.requires_grad for i in self.own_layers for p in self.plan.layers.layer(i).parameters())
+        return any(p.requires_grad for i in self.active for p in self.plan.layers.layer(i).parameters())
 
     def _no_grad_message(self) -> str:
-        name = self.plan.layers.layer_names[self.own_layers.stop - 1]
+        name = self.plan.layers.layer_names[self.active.stop - 1]
         return (
             f"layer {name} returned no tensor that carries a gradient, although stage {self.stage}'s layers train:"
             " their gradients could not flow back. This happens when the layer is called inside"
@@ -352,12 +378,12 @@ class StageRuntime:
         """What the stand-in of layer ``index`` returns in the current forward."""
         self._record_call(index)
         state = self._state
-        if index >= self.own_layers.start or state.received is None:
+        if index >= self.active.start or state.received is None:
             raise ModelSplitError(
                 f"stage {self.stage} called layer {self.plan.layers.layer_names[index]}, which lives on another stage,"
                 " outside a pipeline step. Run the model through the Trainer, or point layers= at the right container."
             )
-        if index == self.own_layers.start - 1:
+        if index == self.active.start - 1:
             # Non-leaf views, so that the model's own in-place operations on a block's input keep working.
             tensors = [t.clone() if t.requires_grad else t for t in state.received.tensors]
             return unflatten(flatten(state.received.value)[1], tensors)
@@ -515,9 +541,22 @@ def _checkpoint_when(module: nn.Module, runtime: StageRuntime, index: int) -> No
     cls = type(module)
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        chosen = (index - runtime.own_layers.start) % runtime.checkpoint_every == 0
+        chosen = (index - runtime.active.start) % runtime.checkpoint_every == 0
         if runtime.checkpointing and chosen and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(cls.__call__, self, *args, use_reentrant=False, **kwargs)
+        return cls.__call__(self, *args, **kwargs)
+
+    _swap_call(module, __call__)
+
+
+def _run_when_active(module: nn.Module, runtime: StageRuntime, index: int) -> None:
+    """With several (virtual) stages on a rank: layer ``index`` runs only in its own stage's forwards; in another
+    stage's forward it stands in as a remote layer (the outermost wrapper, so nothing else of it runs)."""
+    cls = type(module)
+
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if runtime._state.active and index not in runtime.active:
+            return runtime.remote_output(index)
         return cls.__call__(self, *args, **kwargs)
 
     _swap_call(module, __call__)

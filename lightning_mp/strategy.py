@@ -89,10 +89,11 @@ class ModelParallel(ParallelStrategy):
             "auto" = world size / (pp · tp), or 1 when pipeline_parallel_size is also "auto".
         microbatches: micro-batches per batch; "auto" = 2 × pipeline_parallel_size (fewer if the batch is smaller).
         schedule: "1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards,
-            then all backwards), "zero_bubble" (1F1B whose nn.Linear layers defer their weight gradients to fill
-            the waits, as ZB-H1: a smaller bubble at 1F1B's memory), or "none" (the model is split but each batch
-            flows through the stages whole); "auto" picks zero_bubble when the layers have nn.Linear weights to
-            defer (and the precision is not mixed), else 1f1b.
+            then all backwards), "interleaved_1f1b" (each rank runs ``virtual_stages`` smaller stages: the bubble
+            shrinks by that factor, for more messages), "zero_bubble" (1F1B whose nn.Linear layers defer their weight
+            gradients to fill the waits, as ZB-H1: a smaller bubble at 1F1B's memory), or "none" (the model is split
+            but each batch flows through the stages whole); "auto" picks zero_bubble when the layers have nn.Linear
+            weights to defer (and the precision is not mixed), else 1f1b.
         balance: "time" (default: equal forward+backward time, measured at set-up on one micro-batch of the
             data; "params" when no batch can be had), "uniform" layer counts, "params" (equal parameter counts),
             "memory" (equal predicted peak memory: parameters, gradients, Adam states, and the activations the
@@ -128,6 +129,8 @@ class ModelParallel(ParallelStrategy):
         loss_parallel: with tensor parallelism, the LM head hands the loss its logits sharded over the vocabulary
             (a DTensor) and cross-entropy runs vocabulary-parallel, never gathering them; False gathers the logits
             (for a step that does more with them than a loss and ``argmax``).
+        virtual_stages: stages per rank for schedule="interleaved_1f1b" (default 2): the layers are split into
+            pp × virtual_stages stages, rank r running stages r, r + pp, ...; 1 for every other schedule.
         sequence_parallel: with tensor parallelism, split the activations inside each block along the sequence
             between the split layers (norms, residuals, dropout each hold 1/tp of them: less activation memory, the
             same communication volume). Needs batch-first models whose blocks' projections are all split and
@@ -145,7 +148,7 @@ class ModelParallel(ParallelStrategy):
         tensor_parallel_size: int = 1,
         data_parallel_size: SizeSpec = "auto",
         microbatches: Union[int, Literal["auto"]] = "auto",
-        schedule: Literal["auto", "gpipe", "1f1b", "zero_bubble", "none"] = "1f1b",
+        schedule: Literal["auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "none"] = "1f1b",
         balance: BalanceSpec = "time",
         layers: Optional[str] = None,
         accelerator: Any = None,
@@ -167,6 +170,7 @@ class ModelParallel(ParallelStrategy):
         tensor_parallel_plan: Optional[dict[str, str]] = None,
         loss_parallel: bool = True,
         sequence_parallel: bool = False,
+        virtual_stages: Optional[int] = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -175,7 +179,16 @@ class ModelParallel(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        _check_options(tensor_parallel_size, microbatches, schedule, balance, start_method, pipeline_parallel_size)
+        self.virtual_stages = _check_virtual_stages(virtual_stages, schedule, rebalance)
+        _check_options(
+            tensor_parallel_size,
+            microbatches,
+            schedule,
+            balance,
+            start_method,
+            pipeline_parallel_size,
+            self.virtual_stages,
+        )
         self._pp_size = pipeline_parallel_size
         self._tp_size = tensor_parallel_size
         self._dp_size = data_parallel_size
@@ -371,18 +384,23 @@ class ModelParallel(ParallelStrategy):
             self.schedule = choose_schedule(module, self.layers, mixed_precision=mixed)
             rank_zero_info(f"lightning-mp: schedule='auto' runs {self.schedule!r}")
         balance, measure = self._measurement(trainer, module)
+        v = self.virtual_stages
+        schedule = "1f1b" if v > 1 else self.schedule  # (the cost model's in-flight micro-batches: 1F1B's)
         self.plan = build_plan(
-            module, layout.pp, balance, self.layers, measure, self.schedule, self.microbatches, self.max_memory
+            module, layout.pp * v, balance, self.layers, measure, schedule, self.microbatches, self.max_memory
         )
+        if v > 1:  # its predictions assume one stage per rank
+            self.plan.prediction, self.plan.positions = None, layout.pp
         tp_text = ""
         if layout.tp > 1:  # planned on the whole model, applied to this rank's stage once it holds memory
             self.tp_plan = plan_tensor_parallel(
                 module, self.plan.layers.container_name, layout.tp, self.tensor_parallel_plan, self.sequence_parallel
             )
-            stages = [stage_parameters(module, self.plan, s) for s in range(layout.pp)]
+            stages = [stage_parameters(module, self.plan, s) for s in range(self.plan.num_stages)]
             memory = self.tp_plan.memory_report(module, stages)
             tp_text = "\n" + self.tp_plan.format() + "\n" + self.tp_plan.format_memory(memory)
-        runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance)
+        chunks = [self.stage + j * layout.pp for j in range(v)]
+        runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance, chunks=chunks)
         container = self.plan.layers.container_name + "."
         if self.rebalance and any(name.startswith(container) for name, _ in runtime.shared_params):
             raise ValueError(
@@ -502,7 +520,13 @@ class ModelParallel(ParallelStrategy):
         layout = self.layout
         dp_rank, _, tp_rank = layout.coords(self.global_rank)
         by_name = dict(module.named_parameters())
-        stage_sets = sorted({stages for _, stages in runtime.shared_params})
+
+        def ranks_of(stages: tuple[int, ...]) -> tuple[int, ...]:  # pipeline positions of (virtual) stages
+            return tuple(sorted({s % layout.pp for s in stages}))
+
+        shared = [(name, ranks_of(stages)) for name, stages in runtime.shared_params]
+        shared = [(name, positions) for name, positions in shared if len(positions) > 1]
+        stage_sets = sorted({stages for _, stages in shared})
         groups = {}
         for stages in stage_sets:  # every rank creates every group, in the same order
             for d in range(layout.dp):
@@ -514,9 +538,9 @@ class ModelParallel(ParallelStrategy):
         self._shared_groups = []
         for stages in stage_sets:
             if self.stage in stages:
-                params = [by_name[n] for n, s in runtime.shared_params if s == stages and n in by_name]
+                params = [by_name[n] for n, s in shared if s == stages and n in by_name]
                 self._shared_groups.append((params, groups[stages]))
-        skip = {id(by_name[n]) for n, stages in runtime.shared_params if n in by_name and stages[0] != self.stage}
+        skip = {id(by_name[n]) for n, stages in shared if n in by_name and stages[0] != self.stage}
         self._norm_skip = skip
 
     @override
@@ -795,6 +819,22 @@ class ModelParallel(ParallelStrategy):
         strategy_registry.register(cls.strategy_name, cls, description="Pipeline model parallelism (lightning-mp)")
 
 
+def _check_virtual_stages(virtual_stages: Optional[int], schedule: str, rebalance: bool) -> int:
+    """The stages per rank: 2 by default for interleaved_1f1b, and only there more than 1."""
+    if virtual_stages is None:
+        return 2 if schedule == "interleaved_1f1b" else 1
+    if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+        raise ValueError(f"virtual_stages={virtual_stages!r} is invalid: use a positive int (2 or more to interleave).")
+    if virtual_stages > 1 and schedule != "interleaved_1f1b":
+        raise ValueError(
+            f"virtual_stages={virtual_stages} needs schedule='interleaved_1f1b' (schedule={schedule!r} runs one stage"
+            " per rank): set both, or virtual_stages=1."
+        )
+    if virtual_stages > 1 and rebalance:
+        raise ValueError("rebalance=True does not move the layers of virtual stages: use rebalance=False.")
+    return virtual_stages
+
+
 def _check_options(
     tensor_parallel_size: int,
     microbatches: Any,
@@ -802,6 +842,7 @@ def _check_options(
     balance: Any,
     start_method: str,
     pipeline_parallel_size: Any,
+    virtual_stages: int = 1,
 ) -> None:
     """What can be checked before any process starts: names, types, and a balance list against the stage count."""
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
@@ -820,10 +861,11 @@ def _check_options(
             )
     elif not isinstance(balance, Sequence):
         raise ValueError(f"balance={balance!r} is invalid: use 'uniform', 'params' or a list of layer counts.")
-    elif isinstance(pipeline_parallel_size, int) and len(balance) != pipeline_parallel_size:
+    elif isinstance(pipeline_parallel_size, int) and len(balance) != pipeline_parallel_size * virtual_stages:
+        per = f" × virtual_stages={virtual_stages}" if virtual_stages > 1 else ""
         raise ValueError(
-            f"balance={list(balance)} has {len(balance)} entries but pipeline_parallel_size={pipeline_parallel_size}:"
-            " give one layer count per stage."
+            f"balance={list(balance)} has {len(balance)} entries but pipeline_parallel_size={pipeline_parallel_size}"
+            f"{per}: give one layer count per stage."
         )
     if start_method not in ("popen", "spawn", "fork"):
         raise ValueError(f"start_method={start_method!r} is invalid: choose popen, spawn or fork.")

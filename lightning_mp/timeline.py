@@ -28,24 +28,27 @@ COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#DD8452", "recv": "#C8C8C8", "se
 LEGEND = {"F": "forward", "B": "backward", "W": "weight gradients (zero_bubble)", "recv": "waiting on a receive"}
 
 
-def ideal_bubble(schedule: str, num_stages: int, microbatches: int) -> float:
+def ideal_bubble(schedule: str, num_stages: int, microbatches: int, chunks: int = 1) -> float:
     """The idle share of a step with equal stages and free messages: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/p
-    without micro-batches, and (p-1)/(3m+p-1) for zero_bubble (ZB-H1 with forward, input- and weight-gradient
-    passes of equal cost: the last two thirds of each backward fill the bubble)."""
+    without micro-batches, (p-1)/(3m+p-1) for zero_bubble (ZB-H1 with forward, input- and weight-gradient
+    passes of equal cost: the last two thirds of each backward fill the bubble), and (p-1)/(v·m+p-1) for
+    interleaved 1F1B with v chunks per rank."""
     p = num_stages
+    if schedule == "interleaved_1f1b":
+        return (p - 1) / (chunks * microbatches + p - 1)
     if schedule == "zero_bubble":
         return (p - 1) / (3 * microbatches + p - 1)
     m = 1 if schedule == "none" else microbatches
     return (p - 1) / (m + p - 1)
 
 
-def bubble_report(steps: list[list[StepStats]], schedule: str, microbatches: int) -> dict[str, float]:
+def bubble_report(steps: list[list[StepStats]], schedule: str, microbatches: int, chunks: int = 1) -> dict[str, float]:
     """The measured bubble (mean over ``steps``, each a list of every stage's statistics) and the ideal one."""
     measured = [measured_bubble(stages) for stages in steps]
     p = len(steps[0]) if steps else 1
     return {
         "bubble": sum(measured) / max(len(measured), 1),
-        "bubble_ideal": ideal_bubble(schedule, p, microbatches),
+        "bubble_ideal": ideal_bubble(schedule, p, microbatches, chunks),
         "peak_activation_bytes": [max(s[i].peak_activation_bytes for s in steps) for i in range(p)] if steps else [],
     }
 
@@ -140,7 +143,7 @@ class PipelineTimeline(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         (out / "timeline.json").write_text(json.dumps(chrome_trace(steps)))
         schedule, m = runner.schedule, runner.microbatches
-        self.report = bubble_report(steps, schedule, m)
+        self.report = bubble_report(steps, schedule, m, runner.chunks)
         title = f"{schedule}, {len(steps[0])} stages, {m} micro-batches: bubble {100 * self.report['bubble']:.0f}%"
         plot_timeline(steps, out / "timeline.png", title + f" (ideal {100 * self.report['bubble_ideal']:.0f}%)")
         rank_zero_info(
