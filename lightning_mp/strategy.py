@@ -386,9 +386,17 @@ class ModelParallel(ParallelStrategy):
         balance, measure = self._measurement(trainer, module)
         v = self.virtual_stages
         schedule = "1f1b" if v > 1 else self.schedule  # (the cost model's in-flight micro-batches: 1F1B's)
-        self.plan = build_plan(
-            module, layout.pp * v, balance, self.layers, measure, schedule, self.microbatches, self.max_memory
-        )
+        try:
+            self.plan = build_plan(
+                module, layout.pp * v, balance, self.layers, measure, schedule, self.microbatches, self.max_memory
+            )
+        except ModelSplitError as err:
+            if v == 1:
+                raise
+            raise ModelSplitError(
+                f"{err} With virtual_stages={v} the layers are split into pipeline_parallel_size × virtual_stages ="
+                f" {layout.pp * v} stages: lower virtual_stages (or pipeline_parallel_size)."
+            ) from err
         if v > 1:  # its predictions assume one stage per rank
             self.plan.prediction, self.plan.positions = None, layout.pp
         tp_text = ""

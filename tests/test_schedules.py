@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_mp.schedules import Action, build_schedule, one_f_one_b
+from lightning_mp.schedules import Action, build_schedule, forward_only, interleaved_1f1b, one_f_one_b, simulate
+from lightning_mp.timeline import ideal_bubble
 
 
-def simulate(name: str, stages: int, microbatches: int) -> None:
-    """Run all stages' action lists against blocking receives; fail if no stage can make progress."""
-    plans = [build_schedule(name, s, stages, microbatches) for s in range(stages)]
-    done_f = [set() for _ in range(stages)]
-    done_b = [set() for _ in range(stages)]
-    pos = [0] * stages
-    while any(pos[s] < len(plans[s]) for s in range(stages)):
-        progressed = False
-        for s in range(stages):
-            if pos[s] == len(plans[s]):
-                continue
-            a = plans[s][pos[s]]
-            if a.kind == "F":
-                ready = s == 0 or a.microbatch in done_f[s - 1]
-            else:
-                ready = a.microbatch in done_f[s] and (s == stages - 1 or a.microbatch in done_b[s + 1])
-            if ready:
-                (done_f if a.kind == "F" else done_b)[s].add(a.microbatch)
-                pos[s] += 1
-                progressed = True
-        assert progressed, f"{name} deadlocks at p={stages}, m={microbatches}: positions {pos}"
+def check_completes(name: str, stages: int, microbatches: int, chunks: int = 1) -> None:
+    """Run all ranks' action lists against blocking receives; fail if they would deadlock."""
+    plans = [build_schedule(name, s, stages, microbatches, chunks) for s in range(stages)]
+    assert simulate(plans, stages * chunks), f"{name} deadlocks at p={stages}, m={microbatches}, v={chunks}"
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "none"])
@@ -37,7 +21,7 @@ def test_schedule_completes(name: str, stages: int, microbatches: int) -> None:
         actions = build_schedule(name, s, stages, microbatches)
         assert sorted(a.microbatch for a in actions if a.kind == "F") == list(range(microbatches))
         assert [a.microbatch for a in actions if a.kind == "B"] == list(range(microbatches))
-    simulate(name, stages, microbatches)
+    check_completes(name, stages, microbatches)
 
 
 @pytest.mark.parametrize(("stages", "microbatches"), [(2, 8), (4, 8), (4, 3)])
@@ -64,3 +48,32 @@ def test_1f1b_order() -> None:
 def test_unknown_schedule() -> None:
     with pytest.raises(ValueError, match="schedule='zb' is not supported"):
         build_schedule("zb", 0, 2, 2)
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("microbatches", [1, 2, 3, 4, 5, 7, 8, 12])
+def test_interleaved_completes_for_any_microbatch_count(stages: int, microbatches: int, chunks: int) -> None:
+    check_completes("interleaved_1f1b", stages, microbatches, chunks)
+    for r in range(stages):
+        actions = build_schedule("interleaved_1f1b", r, stages, microbatches, chunks)
+        mine = [r + j * stages for j in range(chunks)]
+        for kind in "FB":  # every micro-batch once per own virtual stage, in micro-batch order per stage
+            for k in mine:
+                assert [a.microbatch for a in actions if a.kind == kind and a.stage == k] == list(range(microbatches))
+        evaluation = forward_only(r, stages, microbatches, chunks)
+        assert sorted((a.stage, a.microbatch) for a in evaluation) == [
+            (k, i) for k in mine for i in range(microbatches)
+        ]
+
+
+def test_interleaved_order_is_megatrons_when_stages_divide_the_microbatches() -> None:
+    # p = 2, v = 2, m = 4: rank 0 warms up with (p - 1) * 2 + (v - 1) * p = 4 forwards, rank 1 with 2
+    f, b = (lambda i, k: Action("F", i, k)), (lambda i, k: Action("B", i, k))
+    assert interleaved_1f1b(1, 2, 4, 2)[:6] == [f(0, 1), f(1, 1), f(0, 3), b(0, 3), f(1, 3), b(1, 3)]
+    assert interleaved_1f1b(0, 2, 4, 2)[:6] == [f(0, 0), f(1, 0), f(0, 2), f(1, 2), f(2, 0), b(0, 2)]
+
+
+def test_interleaving_shrinks_the_ideal_bubble() -> None:
+    assert ideal_bubble("interleaved_1f1b", 4, 8, chunks=2) == pytest.approx(3 / 19)
+    assert ideal_bubble("interleaved_1f1b", 4, 8, chunks=2) < ideal_bubble("1f1b", 4, 8)
