@@ -5,7 +5,8 @@ For each configuration one JSON line with, each beside its theoretical value:
 - ``steps_per_s`` and ``speedup`` over one process (measured in this invocation), against the ideal
   p·(1 − bubble_ideal) (= p·m/(m+p−1) for GPipe and 1F1B);
 - ``bubble``: the measured idle share of the stages' step time, against ``bubble_ideal`` = (p−1)/(m+p−1), (p−1)/p
-  without micro-batches, (p−1)/(3m+p−1) for zero_bubble;
+  without micro-batches, (p−1)/(3m+p−1) for zero_bubble, (p−1)/(2m+p−1) for interleaved_1f1b (2 virtual stages
+  per rank);
 - ``peak_activation_mb`` per stage (bytes saved for backward by the micro-batches in flight, at their peak), and
   ``activation_vs_gpipe`` against ``activation_vs_gpipe_ideal`` = (p − stage)/m for 1F1B (GPipe holds all m).
 
@@ -35,7 +36,7 @@ P = 2
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = gpt_arguments(__doc__, steps=4)
     p.add_argument("--microbatches", default="4,8,16")
-    p.add_argument("--schedules", default="gpipe,1f1b,zero_bubble,none")
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble,none")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     p.add_argument("--worker", choices=["single", "lmp"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
@@ -69,7 +70,7 @@ def _worker(a: argparse.Namespace) -> None:
 
     def report(trainer: Any) -> dict:
         runner = trainer.strategy._runner
-        return bubble_report(list(runner.timelines)[1:], a.schedule, a.m)  # after the warm-up step
+        return bubble_report(list(runner.timelines)[1:], a.schedule, a.m, runner.chunks)  # after the warm-up step
 
     write_result(a.out, fit_and_time(model, loader, a.steps, strategy, P, report))
 
