@@ -36,7 +36,8 @@ class ModelParallelConfig:
     tensor_parallel_size: int = 1  # ranks sharing each layer's weights (Megatron-style, planned automatically)
     data_parallel_size: Any = "auto"  # pipeline replicas: a positive int or "auto"
     microbatches: Any = "auto"  # per batch: a positive int or "auto" (= 2 · pipeline_parallel_size)
-    schedule: str = "1f1b"  # auto | gpipe | 1f1b | zero_bubble | none
+    schedule: str = "1f1b"  # auto | gpipe | 1f1b | interleaved_1f1b | zero_bubble | none
+    virtual_stages: Optional[int] = None  # stages per rank for interleaved_1f1b (None: 2 there, 1 elsewhere)
     balance: Any = "time"  # time | memory | params | uniform | a list of layer counts per stage
     layers: Optional[str] = None  # dotted path of the block container; None = found automatically
     process_group_backend: Optional[str] = None  # None = gloo on CPU, nccl on GPU
@@ -88,6 +89,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_memory": (_bytes_ok, 'null, a number of bytes, or a size such as "24GiB"'),
     "activation_checkpointing": (lambda v: v in ("never", "except_last", "always"), "never | except_last | always"),
     "checkpoint_every_n_layers": (_positive_int_or(), "a positive int"),
+    "virtual_stages": (lambda v: v is None or _positive_int_or()(v), "null or a positive int"),
     "predictions": (lambda v: v in ("all", "rank0"), "all | rank0"),
     "timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "seconds, > 0"),
     "tensor_parallel_plan": (

@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from lightning_mp.discovery import discover_layers
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
-from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, measure_step_costs
+from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, choose_schedule_by_cost, measure_step_costs
 from lightning_mp.stage import StagePlan, stage_parameters
 from lightning_mp.tp_plan import plan_tensor_parallel
 
@@ -35,6 +36,7 @@ def dry_run(
     hook: str = "training_step",
     max_memory: int | float | str | None = None,
     tensor_parallel_plan: dict[str, str] | None = None,
+    virtual_stages: int | None = None,
 ) -> tuple[StagePlan, dict[str, Any]]:
     """Plan ``model`` as :class:`~lightning_mp.ModelParallel` would, without processes; returns (plan, JSON dict).
 
@@ -44,7 +46,8 @@ def dry_run(
         devices: the world size (devices × nodes); defaults to pipeline_parallel_size when that is an int.
         Other arguments: as for :class:`~lightning_mp.ModelParallel`. With ``tensor_parallel_size`` > 1 the report
         also holds the tensor-parallel plan (``tensor_parallel``, and ``tensor_parallel_text`` to print) with each
-        stage's parameter memory per rank.
+        stage's parameter memory per rank. ``schedule="auto"`` with a batch compares the candidate schedules on the
+        measured costs (``schedule_estimates``: each one's predicted step time and peak memory).
     """
     world = (
         devices if devices is not None else (pipeline_parallel_size if isinstance(pipeline_parallel_size, int) else 1)
@@ -53,15 +56,32 @@ def dry_run(
     m = 2 * layout.pp if microbatches == "auto" else int(microbatches)
     measure = measure_step_costs(model, hook, batch, m, backward=hook == "training_step") if batch is not None else None
     limit = parse_bytes(max_memory) if max_memory is not None else None
-    if schedule == "auto":
+    v = virtual_stages or (2 if schedule == "interleaved_1f1b" else 1)
+    estimates = None
+    if schedule == "auto" and measure is not None:
+        found = discover_layers(model, layers)
+        costs = measure(found)
+        chosen, estimates = choose_schedule_by_cost(
+            model, found, costs, layout.pp, m, limit, interleave=isinstance(balance, str)
+        )
+        schedule, v, measure = chosen.schedule, chosen.virtual_stages, (lambda _: costs)
+    elif schedule == "auto":
         schedule = choose_schedule(model, layers)
-    plan = build_plan(model, layout.pp, balance, layers, measure, schedule, m, limit)
-    ranks = [[layout.rank_of(d, s, t) for d in range(layout.dp) for t in range(layout.tp)] for s in range(layout.pp)]
+    plan = build_plan(model, layout.pp * v, balance, layers, measure, "1f1b" if v > 1 else schedule, m, limit)
+    if v > 1:
+        plan.prediction, plan.positions = None, layout.pp
+    ranks = [
+        [layout.rank_of(d, s % layout.pp, t) for d in range(layout.dp) for t in range(layout.tp)]
+        for s in range(plan.num_stages)
+    ]
     report = plan.to_dict(ranks)
     report.update(layout={"dp": layout.dp, "pp": layout.pp, "tp": layout.tp}, schedule=schedule, microbatches=m)
+    report["virtual_stages"] = v
+    if estimates is not None:
+        report["schedule_estimates"] = [e.as_dict() for e in estimates]
     if layout.tp > 1:
         tp_plan = plan_tensor_parallel(model, plan.layers.container_name, layout.tp, tensor_parallel_plan)
-        memory = tp_plan.memory_report(model, [stage_parameters(model, plan, s) for s in range(layout.pp)])
+        memory = tp_plan.memory_report(model, [stage_parameters(model, plan, s) for s in range(plan.num_stages)])
         report["tensor_parallel"] = {**tp_plan.to_dict(), "parameters_per_rank": memory}
         report["tensor_parallel_text"] = tp_plan.format() + "\n" + tp_plan.format_memory(memory)
     return plan, report

@@ -25,6 +25,7 @@ from lightning_mp.partition import (
     uniform_balance,
 )
 from lightning_mp.profiling import LayerCosts, profile_layers
+from lightning_mp.schedule_choice import ScheduleEstimate, estimate_schedules, pick_schedule
 from lightning_mp.stage import RemoteLayer, StagePlan, stage_parameters
 from lightning_mp.step_logs import LogRecords, capture_logs
 
@@ -111,16 +112,46 @@ def build_plan(
 
 
 def choose_schedule(root: nn.Module, layers: str | None = None, mixed_precision: bool = False) -> str:
-    """What ``schedule="auto"`` runs: "zero_bubble" when the layers hold trainable ``nn.Linear`` modules whose
-    weight gradients can be deferred (its bubble is smaller than 1F1B's at the same memory, and GPipe's memory is
-    larger at the same bubble), otherwise "1f1b". Under autocast the deferral is off, so "1f1b" too."""
-    found = discover_layers(root, layers)
+    """What ``schedule="auto"`` runs without measured costs: "zero_bubble" when the layers hold trainable
+    ``nn.Linear`` modules whose weight gradients can be deferred (its bubble is smaller than 1F1B's at the same
+    memory, and GPipe's memory is larger at the same bubble), otherwise "1f1b". Under autocast the deferral is off,
+    so "1f1b" too. With measured costs, :func:`choose_schedule_by_cost` decides."""
+    return "zero_bubble" if _can_defer(discover_layers(root, layers), mixed_precision) else "1f1b"
+
+
+def _can_defer(found: ModelLayers, mixed_precision: bool) -> bool:
     deferrable = any(
         type(m) is nn.Linear and m.weight.requires_grad
         for i in range(found.num_layers)
         for m in found.layer(i).modules()
     )
-    return "zero_bubble" if deferrable and not mixed_precision else "1f1b"
+    return deferrable and not mixed_precision
+
+
+def choose_schedule_by_cost(
+    root: nn.Module,
+    found: ModelLayers,
+    costs: LayerCosts,
+    pipeline_parallel_size: int,
+    microbatches: int,
+    max_memory: float | None = None,
+    mixed_precision: bool = False,
+    interleave: bool = True,
+) -> tuple[ScheduleEstimate, list[ScheduleEstimate]]:
+    """``schedule="auto"`` with measured layer costs: (the chosen schedule's estimate, every candidate's); see
+    :mod:`lightning_mp.schedule_choice`. ``interleave=False`` leaves interleaving out (an explicit balance list)."""
+    estimates = estimate_schedules(
+        costs,
+        [_param_bytes(found.layer(i).parameters()) for i in range(found.num_layers)],
+        int(_direct_params(root, found.pre, bytes_=True)),
+        int(_direct_params(root, found.post, bytes_=True)),
+        pipeline_parallel_size,
+        microbatches,
+        _can_defer(found, mixed_precision),
+    )
+    if not interleave:
+        estimates = [e for e in estimates if e.virtual_stages == 1]
+    return pick_schedule(estimates, max_memory), estimates
 
 
 def check_memory_limit(model: StageCostModel, prediction: PlanPrediction, num_layers: int, max_memory: float) -> None:

@@ -50,6 +50,7 @@ from lightning_mp.checkpoint import (
     save_checkpoint_dir,
 )
 from lightning_mp.comm import P2P, all_gather_objects, broadcast_object
+from lightning_mp.discovery import discover_layers
 from lightning_mp.errors import LayoutError, ModelSplitError
 from lightning_mp.grads import GradStash, all_reduce_grads, clip_by_global_norm
 from lightning_mp.hugging_face import hugging_face_models
@@ -58,7 +59,13 @@ from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.microbatch import batch_size_of
 from lightning_mp.partition import BALANCE_CHOICES
 from lightning_mp.pipeline import PipelineRunner
-from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, measure_step_costs
+from lightning_mp.planning import (
+    BalanceSpec,
+    build_plan,
+    choose_schedule,
+    choose_schedule_by_cost,
+    measure_step_costs,
+)
 from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
 from lightning_mp.schedules import SCHEDULE_CHOICES
@@ -379,11 +386,9 @@ class ModelParallel(ParallelStrategy):
 
     def _split_model(self, trainer: Any, module: Any) -> None:
         layout = self.layout
+        balance, measure = self._measurement(trainer, module, wanted=self.schedule == "auto")
         if self.schedule == "auto":
-            mixed = isinstance(self.precision_plugin, MixedPrecision)
-            self.schedule = choose_schedule(module, self.layers, mixed_precision=mixed)
-            rank_zero_info(f"lightning-mp: schedule='auto' runs {self.schedule!r}")
-        balance, measure = self._measurement(trainer, module)
+            measure = self._choose_schedule(module, measure)
         v = self.virtual_stages
         schedule = "1f1b" if v > 1 else self.schedule  # (the cost model's in-flight micro-batches: 1F1B's)
         try:
@@ -434,6 +439,25 @@ class ModelParallel(ParallelStrategy):
         runtime.checkpoint_every = self.checkpoint_every_n_layers
         self._setup_shared_parameters(module, runtime)
 
+    def _choose_schedule(self, module: Any, measure: Optional[Callable[[Any], LayerCosts]]) -> Any:
+        """Resolve ``schedule="auto"``: by simulating each candidate on the measured costs when there are some
+        (returns a measure that hands the same costs to the plan), else by the model's layers."""
+        mixed = isinstance(self.precision_plugin, MixedPrecision)
+        if measure is None:
+            self.schedule = choose_schedule(module, self.layers, mixed_precision=mixed)
+            rank_zero_info(f"lightning-mp: schedule='auto' runs {self.schedule!r} (no measured costs to compare)")
+            return None
+        found = discover_layers(module, self.layers)
+        costs = measure(found)
+        chosen, estimates = choose_schedule_by_cost(
+            module, found, costs, self.layout.pp, self.microbatches, self.max_memory, mixed,
+            interleave=isinstance(self.balance, str),
+        )  # fmt: skip
+        self.schedule, self.virtual_stages = chosen.schedule, chosen.virtual_stages
+        table = ", ".join(f"{e.schedule} {e.step_time:.3g} s / {e.peak_memory / 2**20:.4g} MiB" for e in estimates)
+        rank_zero_info(f"lightning-mp: schedule='auto' runs {self.schedule!r} (predicted per step: {table})")
+        return lambda _: costs
+
     def _materialize_stage(self, module: Any) -> None:
         """Give the stage's parameters built on the meta device (``configure_model`` or ``init_module(empty_init=
         True)``) memory on this device, initialized by each module's ``reset_parameters``: a rank never holds
@@ -475,15 +499,17 @@ class ModelParallel(ParallelStrategy):
         with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
             yield
 
-    def _measurement(self, trainer: Any, module: Any) -> tuple[Any, Optional[Callable[[Any], LayerCosts]]]:
-        """The balance to use and, when it (or max_memory) needs measured costs, how to measure them.
+    def _measurement(
+        self, trainer: Any, module: Any, wanted: bool = False
+    ) -> tuple[Any, Optional[Callable[[Any], LayerCosts]]]:
+        """The balance to use and, when it (or max_memory, or ``wanted``) needs measured costs, how to measure them.
 
         Global rank 0 measures the user's step on one micro-batch of the data the trainer is about to use, and
         every rank receives the same costs. Without a batch to measure (no dataloader yet, an empty one), a
         "time"/"memory" balance falls back to "params", with a warning that says why.
         """
         balance = self.balance
-        if balance not in ("time", "memory") and self.max_memory is None:
+        if balance not in ("time", "memory") and self.max_memory is None and not wanted:
             return balance, None
         batch, problem = self._first_batch(trainer) if self.global_rank == 0 else (None, None)
         problem = broadcast_object(problem, 0, None, self.root_device)

@@ -43,7 +43,15 @@ def test_every_preset_composes(app: str, preset: str, expected: dict) -> None:
 
 @pytest.mark.parametrize("balance", ["uniform", "params", "time", "memory"])
 @pytest.mark.parametrize(
-    ("pipeline", "schedule"), [("1f1b", "1f1b"), ("gpipe", "gpipe"), ("zero_bubble", "zero_bubble"), ("off", "none")]
+    ("pipeline", "schedule"),
+    [
+        ("1f1b", "1f1b"),
+        ("gpipe", "gpipe"),
+        ("zero_bubble", "zero_bubble"),
+        ("off", "none"),
+        ("interleaved", "interleaved_1f1b"),
+        ("auto", "auto"),
+    ],
 )
 @pytest.mark.parametrize("checkpointing", ["never", "except_last", "always"])
 def test_balance_pipeline_and_checkpointing_groups(
@@ -90,7 +98,8 @@ def test_minilm_resolves_to_the_packaged_weights() -> None:
     [
         (
             "strategy.schedule=zero",
-            r"strategy.schedule='zero' is invalid: allowed: auto \| gpipe \| 1f1b \| zero_bubble \| none",
+            r"strategy.schedule='zero' is invalid: allowed: auto \| gpipe \| 1f1b \| interleaved_1f1b \| zero_bubble"
+            r" \| none",
         ),
         ("strategy.balance=fastest", r"strategy.balance='fastest' is invalid: allowed: uniform \| params"),
         ("strategy.microbatches=0", r"strategy.microbatches=0 is invalid: allowed: a positive int or auto"),

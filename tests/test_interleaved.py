@@ -34,6 +34,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *_pair("v3-m3", "gpt", 2, {**IL, "virtual_stages": 3, "microbatches": 3}, {**KW, "layers": 6}),
         *_pair("extras", "hf_llama", 2, {**IL, "microbatches": 4}, **EXTRAS),
         *_pair("checkpointing", "hf_gpt2", 2, {**IL, "microbatches": 4, "activation_checkpointing": "always"}),
+        # schedule="auto" compares the candidates on the measured layers and runs the one it picks
+        *_pair("auto", "gpt", 2, {"schedule": "auto", "microbatches": 4, "balance": "uniform"}, {**KW, "layers": 8}),
     ]
     return run_jobs_or_fail(tmp_path_factory, "interleaved2", jobs)
 
@@ -47,7 +49,7 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_jobs_or_fail(tmp_path_factory, "interleaved4", jobs)
 
 
-@pytest.mark.parametrize(("job", "ranks"), [("v3-m3", 2), ("extras", 2), ("checkpointing", 2)])
+@pytest.mark.parametrize(("job", "ranks"), [("v3-m3", 2), ("extras", 2), ("checkpointing", 2), ("auto", 2)])
 def test_interleaved_on_two_ranks(two_ranks: Path, job: str, ranks: int) -> None:
     ref = load_result(two_ranks, f"ref-{job}", 0)
     for rank in range(ranks):
