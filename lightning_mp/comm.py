@@ -212,6 +212,11 @@ class P2P:
         message is keyed (see the module docstring) and must be received by :meth:`recv_activation` with it."""
         tensors, spec = flatten(value)
         metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+        if key is not None and dist.is_initialized() and dst == dist.get_rank():  # the next stage is on this rank
+            copies = [t.detach().clone().requires_grad_(m.requires_grad and torch.is_grad_enabled()) for t, m in
+                      zip(tensors, metas)]  # fmt: skip
+            self._stash[(dst, key)] = Received(unflatten(spec, copies), copies, metas)
+            return tensors
         header = (spec, metas) if key is None else (key, spec, metas)
         for frame in encode_frames(pickle.dumps(header), self.device):
             self._isend(frame, dst, label)
@@ -226,10 +231,12 @@ class P2P:
         (spec, metas), tensors = self._recv_message(src, label)
         return Received(unflatten(spec, tensors), tensors, metas)
 
-    def _recv_message(self, src: int, label: str) -> tuple[Any, list[Tensor]]:
-        """(header, tensors) of the next message from ``src``; the header's last item is the tensors' metas."""
-        first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-        self._recv(first, src, label)
+    def _recv_message(self, src: int, label: str, first: Tensor | None = None) -> tuple[Any, list[Tensor]]:
+        """(header, tensors) of the next message from ``src`` (whose first frame may have arrived already); the
+        header's last item is the tensors' metas."""
+        if first is None:
+            first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+            self._recv(first, src, label)
         rest = None
         if frame_overflow(first):
             rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
@@ -242,10 +249,25 @@ class P2P:
             tensors.append(t.requires_grad_(meta.requires_grad and torch.is_grad_enabled()))
         return header, tensors
 
-    def _recv_keyed(self, src: int, key: Any, label: str) -> Received:
-        """The message ``key`` from ``src``, reading (and keeping) the ones sent before it."""
+    def _recv_keyed(self, src: int, key: Any, label: str, fill: Callable[[], bool] | None = None) -> Received:
+        """The message ``key`` from ``src``, reading (and keeping) the ones sent before it. While no message has
+        started to arrive, ``fill()`` runs other work (until it returns False: nothing left)."""
         while (src, key) not in self._stash:
-            (found, spec, metas), tensors = self._recv_message(src, label)
+            first = None
+            if fill is not None:
+                first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+                try:
+                    work = dist.irecv(first, src, group=self.group)
+                except RuntimeError as err:
+                    raise self._error("receive", label, src, err) from err
+                while not work.is_completed() and fill():
+                    pass
+                with self._waiting(src, f"receive {label}"):
+                    try:
+                        work.wait()
+                    except RuntimeError as err:
+                        raise self._error("receive", label, src, err) from err
+            (found, spec, metas), tensors = self._recv_message(src, label, first)
             self._stash[(src, found)] = Received(unflatten(spec, tensors), tensors, metas)
         return self._stash.pop((src, key))
 
@@ -264,12 +286,18 @@ class P2P:
             self._isend(grad, dst, label)
 
     def recv_grads(
-        self, sent: list[Tensor], src: int, label: str = "a gradient", key: Any = None
+        self,
+        sent: list[Tensor],
+        src: int,
+        label: str = "a gradient",
+        key: Any = None,
+        fill: Callable[[], bool] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward."""
+        """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward. A keyed
+        receive runs ``fill()`` while it waits (see :meth:`_recv_keyed`)."""
         outputs = [t for t in sent if t.requires_grad]
         if key is not None:
-            return outputs, list(self._recv_keyed(src, key, label).value)
+            return outputs, list(self._recv_keyed(src, key, label, fill).value)
         grads = []
         for t in outputs:
             g = torch.empty(t.shape, dtype=t.dtype, device=self.device)

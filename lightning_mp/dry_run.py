@@ -17,6 +17,7 @@ from torch import nn
 from lightning_mp.discovery import discover_layers
 from lightning_mp.layout import ParallelLayout, SizeSpec, parse_bytes
 from lightning_mp.planning import BalanceSpec, build_plan, choose_schedule, choose_schedule_by_cost, measure_step_costs
+from lightning_mp.schedules import chunks_of, stage_ranks
 from lightning_mp.stage import StagePlan, stage_parameters
 from lightning_mp.tp_plan import plan_tensor_parallel
 
@@ -56,7 +57,7 @@ def dry_run(
     m = 2 * layout.pp if microbatches == "auto" else int(microbatches)
     measure = measure_step_costs(model, hook, batch, m, backward=hook == "training_step") if batch is not None else None
     limit = parse_bytes(max_memory) if max_memory is not None else None
-    v = virtual_stages or (2 if schedule == "interleaved_1f1b" else 1)
+    v = chunks_of(schedule) or virtual_stages or (2 if schedule == "interleaved_1f1b" else 1)
     estimates = None
     if schedule == "auto" and measure is not None:
         found = discover_layers(model, layers)
@@ -69,9 +70,10 @@ def dry_run(
         schedule = choose_schedule(model, layers)
     plan = build_plan(model, layout.pp * v, balance, layers, measure, "1f1b" if v > 1 else schedule, m, limit)
     if v > 1:
-        plan.prediction, plan.positions = None, layout.pp
+        plan.prediction, plan.stage_ranks = None, stage_ranks(schedule, layout.pp, v)
+    placement = plan.stage_ranks or list(range(layout.pp))
     ranks = [
-        [layout.rank_of(d, s % layout.pp, t) for d in range(layout.dp) for t in range(layout.tp)]
+        [layout.rank_of(d, placement[s], t) for d in range(layout.dp) for t in range(layout.tp)]
         for s in range(plan.num_stages)
     ]
     report = plan.to_dict(ranks)

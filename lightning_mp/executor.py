@@ -137,6 +137,14 @@ class PipelineExecutor:
             if one:
                 return
 
+    def _fill_one(self, stats: StepStats) -> bool:
+        """Run one queued weight-gradient product; False when none is queued."""
+        assert self.deferred is not None
+        if not self.deferred.has_pending():
+            return False
+        self._run_deferred(stats, one=True)
+        return True
+
     def _span(self, stats: StepStats, kind: str, microbatch: int, start: float) -> float:
         """Record a span from ``start`` to now; return its length."""
         end = time.perf_counter()
@@ -186,7 +194,14 @@ class PipelineExecutor:
                 item.loss.backward()
         else:
             source = self.rank_of_stage(stage + 1)
-            if self.deferred is not None and self.deferred.enabled:
+            filling = self.deferred is not None and self.deferred.enabled
+            if filling and self.keyed:  # zero_bubble_v: weight gradients fill the wait for the next message
+                t0 = time.perf_counter()
+                outputs, grads = self.p2p.recv_grads(
+                    item.sent, source, label, self._key("B", stage, index), lambda: self._fill_one(stats)
+                )
+            elif filling:
+                assert self.deferred is not None
                 pending = self.p2p.irecv_grads(item.sent, source, label)
                 while self.deferred.has_pending() and not pending.ready():  # fill the wait with weight gradients
                     self._run_deferred(stats, one=True)

@@ -24,7 +24,7 @@ from lightning_mp.executor import PipelineExecutor, StepResult, StepStats
 from lightning_mp.microbatch import batch_size_of, concat_microbatches, split_batch
 from lightning_mp.monitor import StageMonitor
 from lightning_mp.planning import loss_value
-from lightning_mp.schedules import build_schedule, forward_only
+from lightning_mp.schedules import DEFERRING, build_schedule, forward_only
 from lightning_mp.stage import StageRuntime
 from lightning_mp.step_logs import LogRecords, capture_logs, replay_logs
 from lightning_mp.timeline import ideal_bubble
@@ -72,14 +72,15 @@ class PipelineRunner:
         self.schedule = schedule
         self.device = device
         self.microbatches = 1 if schedule == "none" else microbatches
-        self.chunks = len(runtime.chunks)  # (virtual) stages per rank: > 1 with interleaved schedules
-        positions = len(self.pp_ranks)
+        self.chunks = len(runtime.chunks)  # (virtual) stages per rank: > 1 with interleaved or V schedules
+        placement = runtime.plan.stage_ranks or list(range(len(self.pp_ranks)))
+        self.final_rank = placement[-1]  # the pipeline rank running the last stage (the loss)
         self.executor = PipelineExecutor(
             runtime,
             p2p or P2P(device),
-            rank_of_stage=lambda k: self.pp_ranks[k % positions],
+            rank_of_stage=lambda k: self.pp_ranks[placement[k]],
             activation_checkpointing=activation_checkpointing,
-            deferred=self._deferred_weight_grads(runtime) if schedule == "zero_bubble" else None,
+            deferred=self._deferred_weight_grads(runtime) if schedule in DEFERRING else None,
         )
         # the most recent steps only: a long run must not grow memory with its step count
         self.history: deque[StepStats] = deque(maxlen=HISTORY_STEPS)
@@ -90,8 +91,9 @@ class PipelineRunner:
         self.step_context: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def _layers_per_rank(self) -> list[int]:
-        balance, positions = self.runtime.plan.balance, len(self.pp_ranks)
-        return [sum(balance[k] for k in range(r, len(balance), positions)) for r in range(positions)]
+        plan = self.runtime.plan
+        placement = plan.stage_ranks or list(range(len(self.pp_ranks)))
+        return [sum(n for n, rank in zip(plan.balance, placement) if rank == r) for r in range(len(self.pp_ranks))]
 
     @staticmethod
     def _deferred_weight_grads(runtime: StageRuntime) -> DeferredWeightGrads:
@@ -131,7 +133,7 @@ class PipelineRunner:
         predictions = concat_microbatches(result.outputs) if self.runtime.is_last else None
         if everywhere:
             return self._from_last_stage(predictions)
-        if len(self.pp_ranks) == 1:
+        if len(self.pp_ranks) == 1 or self.final_rank == 0:  # (the V shape ends on the first rank)
             return predictions
         p2p = self.executor.p2p
         if self.runtime.is_last:
@@ -139,7 +141,7 @@ class PipelineRunner:
             p2p.wait_sends()
         elif self.runtime.stage == 0:
             with torch.no_grad():
-                return p2p.recv_activation(self.pp_ranks[-1], "the predictions").value
+                return p2p.recv_activation(self.pp_ranks[self.final_rank], "the predictions").value
         return None
 
     def _run(
@@ -157,7 +159,7 @@ class PipelineRunner:
         records = LogRecords()
         stage, stages = self.runtime.stage, len(self.pp_ranks)
         if loss_scale is None:
-            actions, loss_weights = forward_only(stage, stages, len(microbatches), self.chunks), None
+            actions, loss_weights = forward_only(stage, stages, len(microbatches), self.chunks, self.schedule), None
         else:
             actions = build_schedule(self.schedule, stage, stages, len(microbatches), self.chunks)
             loss_weights = [w * loss_scale for w in weights]
@@ -193,7 +195,7 @@ class PipelineRunner:
             everyone = [(payload, stats)]
             if len(self.pp_ranks) > 1:
                 everyone = all_gather_objects((payload, stats), self.pp_group, self.device)
-            shared_loss, combined = everyone[-1][0]
+            shared_loss, combined = everyone[self.final_rank][0]
             stages = [s for _, s in everyone]
             self.timelines.append(stages)
             metrics = self.monitor.update(stages)
@@ -231,4 +233,4 @@ class PipelineRunner:
         """The last stage's ``obj`` on every stage of the pipeline."""
         if len(self.pp_ranks) == 1:
             return obj
-        return broadcast_object(obj, self.pp_ranks[-1], self.pp_group, self.device)
+        return broadcast_object(obj, self.pp_ranks[self.final_rank], self.pp_group, self.device)

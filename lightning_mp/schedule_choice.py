@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from lightning_mp.cost_model import TRAINING_COPIES, StageCostModel
 from lightning_mp.partition import InfeasiblePartition, optimal_partition
 from lightning_mp.profiling import LayerCosts
-from lightning_mp.schedules import Action, build_schedule
+from lightning_mp.schedules import DEFERRING, Action, build_schedule, stage_ranks
 
 FORWARD_SHARE = 1 / 3  # of a layer's forward+backward time (the backward computes two matrix products)
 DEFERRED_SHARE = 0.5  # of a backward: the weight-gradient half that zero_bubble runs later
-CANDIDATES = ("1f1b", "zero_bubble", "interleaved_1f1b", "gpipe")
+TWO_PER_RANK = ("interleaved_1f1b", "zero_bubble_v")  # candidates with 2 (virtual) stages per rank
+CANDIDATES = ("1f1b", "zero_bubble", "zero_bubble_v", "interleaved_1f1b", "gpipe")
 
 
 @dataclass
@@ -56,9 +57,10 @@ def estimate_schedules(
     p, layers = pipeline_parallel_size, len(costs.layer_time)
     estimates = []
     for schedule in CANDIDATES:
-        if (schedule == "zero_bubble" and not can_defer) or (schedule == "interleaved_1f1b" and layers < 2 * p):
+        if (schedule in DEFERRING and not can_defer) or (schedule in TWO_PER_RANK and layers < 2 * p):
             continue
-        chunks = 2 if schedule == "interleaved_1f1b" else 1
+        chunks = 2 if schedule in TWO_PER_RANK else 1
+        placement = stage_ranks(schedule, p, chunks)
         v_stages = p * chunks
         model = StageCostModel(
             costs, layer_param_bytes, pre_param_bytes, post_param_bytes, v_stages, schedule, microbatches
@@ -72,10 +74,11 @@ def estimate_schedules(
         params = [_params(model, k, bounds[k], bounds[k + 1]) for k in range(v_stages)]
         acts = [_activations(costs, k, v_stages, bounds[k], bounds[k + 1]) for k in range(v_stages)]
         orders = [build_schedule(schedule, r, p, microbatches, chunks) for r in range(p)]
-        deferred = DEFERRED_SHARE if schedule == "zero_bubble" else 0.0
-        step = simulate_step(orders, times, lambda k, p=p: k % p, deferred)
+        deferred = DEFERRED_SHARE if schedule in DEFERRING else 0.0
+        step = simulate_step(orders, times, placement.__getitem__, deferred)
         memory = max(
-            TRAINING_COPIES * sum(params[k] for k in range(r, v_stages, p)) + _peak_in_flight(orders[r], acts)
+            TRAINING_COPIES * sum(params[k] for k in range(v_stages) if placement[k] == r)
+            + _peak_in_flight(orders[r], acts)
             for r in range(p)
         )
         estimates.append(ScheduleEstimate(schedule, chunks, balance, step, memory))

@@ -12,9 +12,31 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
-ScheduleName = Literal["auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "none"]
+ScheduleName = Literal["auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zero_bubble_v", "none"]
 # "auto" is resolved to one of the others when the model is known (planning.choose_schedule)
-SCHEDULE_CHOICES: tuple[str, ...] = ("auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "none")
+SCHEDULE_CHOICES: tuple[str, ...] = (
+    "auto",
+    "gpipe",
+    "1f1b",
+    "interleaved_1f1b",
+    "zero_bubble",
+    "zero_bubble_v",
+    "none",
+)
+DEFERRING = ("zero_bubble", "zero_bubble_v")  # schedules whose backwards defer the weight gradients
+
+
+def stage_ranks(schedule: str, num_ranks: int, chunks: int) -> list[int]:
+    """The pipeline rank that runs each of the ``num_ranks · chunks`` (virtual) stages: stage s on rank s % p, or,
+    for the V shape of zero_bubble_v, down the ranks and back up (rank 0 runs the first and the last stage)."""
+    if schedule == "zero_bubble_v":
+        return list(range(num_ranks)) + list(reversed(range(num_ranks)))
+    return [s % num_ranks for s in range(num_ranks * chunks)]
+
+
+def chunks_of(schedule: str) -> int | None:
+    """Stages per rank a schedule fixes (None: it takes ``virtual_stages``)."""
+    return 2 if schedule == "zero_bubble_v" else None
 
 
 class Action(NamedTuple):
@@ -87,6 +109,55 @@ def _chunked_forwards(rank: int, p: int, m: int, chunks: int) -> list[Action]:
     return [Action("F", i, rank + j * p) for r in rounds for j in range(chunks) for i in r]
 
 
+def zero_bubble_v(stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
+    """The V-shaped zero-bubble schedule (after ZB-V, Qi et al. 2024): each rank runs two stages, one on the way
+    down (stage r) and one on the way back up (stage 2p−1−r), so that rank 0 holds the first and the last stage
+    and the gradients start back where the inputs came in. Backwards compute input gradients only; the deferred
+    weight gradients fill the waits (the executor places them, as for zero_bubble).
+
+    The order comes from playing the step out with equal forward and backward times: whenever a rank is free it
+    starts the action that can start earliest (backwards, then the deeper stage, first), and lets a new micro-batch
+    into its first stage only while it holds fewer than 2p stage-micro-batches (1F1B's activation memory).
+    """
+    return _v_orders(num_stages, num_microbatches)[stage]
+
+
+def _v_orders(p: int, m: int) -> list[list[Action]]:
+    last = 2 * p - 1
+    ranks = stage_ranks("zero_bubble_v", p, 2)
+    finish: dict[tuple[str, int, int], float] = {}
+    next_mb = {(kind, k): 0 for kind in "FB" for k in range(last + 1)}
+    free, held, orders = [0.0] * p, [0] * p, [[] for _ in range(p)]  # type: ignore[var-annotated]
+    while len(finish) < 2 * (last + 1) * m:
+        best: tuple[float, int, int, int, Action] | None = None
+        for k in range(last + 1):
+            r = ranks[k]
+            for kind in "BF":
+                i = next_mb[(kind, k)]
+                if i >= m:
+                    continue
+                if kind == "F":
+                    needs = [] if k == 0 else [("F", i, k - 1)]
+                    if k < p and held[r] >= 2 * p:  # a new micro-batch enters only within the memory cap
+                        continue
+                else:
+                    needs = [("F", i, k)] + ([] if k == last else [("B", i, k + 1)])
+                if any(n not in finish for n in needs):
+                    continue
+                start = max([free[r]] + [finish[n] for n in needs])
+                candidate = (start, 0 if kind == "B" else 1, -k, r, Action(kind, i, k))
+                if best is None or candidate[:4] < best[:4]:
+                    best = candidate
+        assert best is not None, "the V schedule cannot progress"  # every micro-batch can always advance
+        start, _, _, r, action = best
+        free[r] = start + 1.0
+        finish[(action.kind, action.microbatch, action.stage)] = free[r]
+        next_mb[(action.kind, action.stage)] += 1
+        held[r] += 1 if action.kind == "F" else -1
+        orders[r].append(action)
+    return orders
+
+
 def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
     """Whether every rank runs its order to the end when it blocks only on what its next action needs (a forward:
     the previous virtual stage's forward; a backward: its own forward and the next stage's backward) and sends never
@@ -112,8 +183,13 @@ def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
     return all(position[r] == len(order) for r, order in enumerate(orders))
 
 
-def forward_only(stage: int, num_stages: int, num_microbatches: int, chunks: int = 1) -> list[Action]:
-    """Evaluation: forwards only (through each of the rank's chunks, in rounds of ``num_stages`` micro-batches)."""
+def forward_only(
+    stage: int, num_stages: int, num_microbatches: int, chunks: int = 1, schedule: str = "1f1b"
+) -> list[Action]:
+    """Evaluation: forwards only (through each of the rank's stages, in rounds of ``num_stages`` micro-batches)."""
+    if schedule == "zero_bubble_v":  # the rank's stage on the way down, then the one on the way back up
+        mine = [k for k, r in enumerate(stage_ranks(schedule, num_stages, 2)) if r == stage]
+        return [Action("F", i, k) for k in mine for i in range(num_microbatches)]
     return _chunked_forwards(stage, num_stages, num_microbatches, chunks)
 
 
@@ -133,6 +209,8 @@ def build_schedule(name: str, stage: int, num_stages: int, num_microbatches: int
     ``chunks`` > 1 (interleaved_1f1b) its actions on each of its virtual stages."""
     if name == "interleaved_1f1b":
         return interleaved_1f1b(stage, num_stages, num_microbatches, chunks)
+    if name == "zero_bubble_v":
+        return zero_bubble_v(stage, num_stages, num_microbatches)
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not supported: choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](stage, num_stages, num_microbatches)

@@ -57,9 +57,7 @@ class StagePlan:
     balance_method: str = "uniform"
     param_counts: list[int] | None = None  # parameters each stage holds (tied weights on each stage using them)
     prediction: PlanPrediction | None = None  # from measured layer costs, when they were measured
-    positions: int | None = (
-        None  # with virtual stages (interleaving): the pipeline ranks; stage s runs on s % positions
-    )
+    stage_ranks: list[int] | None = None  # with virtual stages: each stage's pipeline rank (else stage s: rank s)
 
     @property
     def num_stages(self) -> int:
@@ -141,7 +139,7 @@ class StagePlan:
                     f", {1e3 * pred.stage_time[row['stage']]:.1f} ms/micro-batch,"
                     f" {pred.stage_memory[row['stage']] / 2**20:.1f} MiB"
                 )
-            where = f" (on pipeline rank {row['stage'] % self.positions})" if self.positions else ""
+            where = f" (on pipeline rank {self.stage_ranks[row['stage']]})" if self.stage_ranks else ""
             lines.append(
                 f"  stage {row['stage']}{where}: {row['layers']} ({_count(row['num_layers'], 'layer')}{params})"
                 + (f"; {'; '.join(extra)}" if extra else "")

@@ -68,7 +68,7 @@ from lightning_mp.planning import (
 )
 from lightning_mp.profiling import LayerCosts, preserved_random_state
 from lightning_mp.rebalance import move_layers
-from lightning_mp.schedules import SCHEDULE_CHOICES
+from lightning_mp.schedules import SCHEDULE_CHOICES, chunks_of, stage_ranks
 from lightning_mp.stage import StagePlan, StageRuntime, is_placeholder, stage_parameters
 from lightning_mp.tp_layers import TPGroup, gather_full
 from lightning_mp.tp_plan import TensorParallelPlan, TensorParallelState, apply_tensor_parallel, plan_tensor_parallel
@@ -403,7 +403,8 @@ class ModelParallel(ParallelStrategy):
                 f" {layout.pp * v} stages: lower virtual_stages (or pipeline_parallel_size)."
             ) from err
         if v > 1:  # its predictions assume one stage per rank
-            self.plan.prediction, self.plan.positions = None, layout.pp
+            self.plan.prediction = None
+            self.plan.stage_ranks = stage_ranks(self.schedule, layout.pp, v)
         tp_text = ""
         if layout.tp > 1:  # planned on the whole model, applied to this rank's stage once it holds memory
             self.tp_plan = plan_tensor_parallel(
@@ -412,7 +413,8 @@ class ModelParallel(ParallelStrategy):
             stages = [stage_parameters(module, self.plan, s) for s in range(self.plan.num_stages)]
             memory = self.tp_plan.memory_report(module, stages)
             tp_text = "\n" + self.tp_plan.format() + "\n" + self.tp_plan.format_memory(memory)
-        chunks = [self.stage + j * layout.pp for j in range(v)]
+        placement = self.plan.stage_ranks or list(range(layout.pp))
+        chunks = [k for k, rank in enumerate(placement) if rank == self.stage]
         runtime = StageRuntime(module, self.plan, self.stage, movable=self.rebalance, chunks=chunks)
         container = self.plan.layers.container_name + "."
         if self.rebalance and any(name.startswith(container) for name, _ in runtime.shared_params):
@@ -555,8 +557,10 @@ class ModelParallel(ParallelStrategy):
         dp_rank, _, tp_rank = layout.coords(self.global_rank)
         by_name = dict(module.named_parameters())
 
+        placement = self.plan.stage_ranks or list(range(layout.pp))
+
         def ranks_of(stages: tuple[int, ...]) -> tuple[int, ...]:  # pipeline positions of (virtual) stages
-            return tuple(sorted({s % layout.pp for s in stages}))
+            return tuple(sorted({placement[s] for s in stages}))
 
         shared = [(name, ranks_of(stages)) for name, stages in runtime.shared_params]
         shared = [(name, positions) for name, positions in shared if len(positions) > 1]
@@ -854,7 +858,14 @@ class ModelParallel(ParallelStrategy):
 
 
 def _check_virtual_stages(virtual_stages: Optional[int], schedule: str, rebalance: bool) -> int:
-    """The stages per rank: 2 by default for interleaved_1f1b, and only there more than 1."""
+    """The stages per rank: 2 for zero_bubble_v, 2 by default for interleaved_1f1b, and only there more than 1."""
+    fixed = chunks_of(schedule)
+    if fixed is not None:
+        if virtual_stages not in (None, fixed):
+            raise ValueError(f"schedule={schedule!r} runs {fixed} stages per rank: leave virtual_stages unset.")
+        if rebalance:
+            raise ValueError("rebalance=True does not move the layers of virtual stages: use rebalance=False.")
+        return fixed
     if virtual_stages is None:
         return 2 if schedule == "interleaved_1f1b" else 1
     if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:

@@ -50,6 +50,7 @@ def test_every_preset_composes(app: str, preset: str, expected: dict) -> None:
         ("zero_bubble", "zero_bubble"),
         ("off", "none"),
         ("interleaved", "interleaved_1f1b"),
+        ("zero_bubble_v", "zero_bubble_v"),
         ("auto", "auto"),
     ],
 )

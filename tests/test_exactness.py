@@ -13,7 +13,7 @@ from tests.conftest import ROOT, assert_matches_reference, load_result, run_harn
 pytestmark = pytest.mark.distributed
 
 MODELS = ["sequential", "gpt", "hf_gpt2", "hf_llama", "hf_bert"]
-SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "none"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zero_bubble_v", "none"]
 # Batches of 6 samples in 4 micro-batches (sizes 2, 2, 1, 1), a last batch of 2, sequence length changing per batch.
 MODEL_KW = {"batch_size": 6, "n": 20}
 EXTRAS: dict[str, dict[str, Any]] = {

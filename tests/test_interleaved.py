@@ -1,5 +1,6 @@
-"""Interleaved 1F1B: several virtual stages per rank train to the numbers of one process, with the rest of the
-strategy (uneven micro-batches, accumulation, clipping, validation, tensor parallelism, 4 ranks)."""
+"""Several (virtual) stages per rank, interleaved 1F1B and the V-shaped zero-bubble schedule: the numbers of one
+process, with the rest of the strategy (uneven micro-batches, accumulation, clipping, validation, tensor
+parallelism, 4 ranks), and schedule="auto" picking among them."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *_pair("checkpointing", "hf_gpt2", 2, {**IL, "microbatches": 4, "activation_checkpointing": "always"}),
         # schedule="auto" compares the candidates on the measured layers and runs the one it picks
         *_pair("auto", "gpt", 2, {"schedule": "auto", "microbatches": 4, "balance": "uniform"}, {**KW, "layers": 8}),
+        # the V shape: rank 0 runs blocks 0-1 and 6-7, rank 1 blocks 2-5; 3 micro-batches, with the extras
+        *_pair(
+            "v-shape", "hf_llama", 2, {"schedule": "zero_bubble_v", "microbatches": 3}, {**KW, "layers": 8}, **EXTRAS
+        ),
     ]
     return run_jobs_or_fail(tmp_path_factory, "interleaved2", jobs)
 
@@ -45,24 +50,31 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     jobs = [
         *_pair("pp4", "gpt", 4, {**IL, "pipeline_parallel_size": 4, "microbatches": 4}, {**KW, "layers": 8}),
         *_pair("pp2tp2", "hf_gpt2", 4, {**IL, "tensor_parallel_size": 2, "microbatches": 4}),
+        *_pair(
+            "v-pp4",
+            "gpt",
+            4,
+            {"schedule": "zero_bubble_v", "pipeline_parallel_size": 4, "microbatches": 4},
+            {**KW, "layers": 8},
+        ),
     ]
     return run_jobs_or_fail(tmp_path_factory, "interleaved4", jobs)
 
 
-@pytest.mark.parametrize(("job", "ranks"), [("v3-m3", 2), ("extras", 2), ("checkpointing", 2), ("auto", 2)])
-def test_interleaved_on_two_ranks(two_ranks: Path, job: str, ranks: int) -> None:
+@pytest.mark.parametrize("job", ["v3-m3", "extras", "checkpointing", "auto", "v-shape"])
+def test_interleaved_on_two_ranks(two_ranks: Path, job: str) -> None:
     ref = load_result(two_ranks, f"ref-{job}", 0)
-    for rank in range(ranks):
+    for rank in range(2):
         got = load_result(two_ranks, job, rank)
         assert_matches_reference(ref, got)
         if "val_loss" in ref["final_metrics"]:
             assert got["final_metrics"]["val_loss"] == pytest.approx(ref["final_metrics"]["val_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize(("job", "ranks"), [("pp4", 4), ("pp2tp2", 4)])
-def test_interleaved_on_four_ranks(four_ranks: Path, job: str, ranks: int) -> None:
+@pytest.mark.parametrize("job", ["pp4", "pp2tp2", "v-pp4"])
+def test_interleaved_on_four_ranks(four_ranks: Path, job: str) -> None:
     ref = load_result(four_ranks, f"ref-{job}", 0)
-    for rank in range(ranks):
+    for rank in range(4):
         assert_matches_reference(ref, load_result(four_ranks, job, rank))
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_mp.schedules import Action, build_schedule, forward_only, interleaved_1f1b, one_f_one_b, simulate
+from lightning_mp.schedules import (
+    Action,
+    build_schedule,
+    forward_only,
+    interleaved_1f1b,
+    one_f_one_b,
+    simulate,
+    stage_ranks,
+)
 from lightning_mp.timeline import ideal_bubble
 
 
@@ -77,3 +85,29 @@ def test_interleaved_order_is_megatrons_when_stages_divide_the_microbatches() ->
 def test_interleaving_shrinks_the_ideal_bubble() -> None:
     assert ideal_bubble("interleaved_1f1b", 4, 8, chunks=2) == pytest.approx(3 / 19)
     assert ideal_bubble("interleaved_1f1b", 4, 8, chunks=2) < ideal_bubble("1f1b", 4, 8)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("microbatches", [1, 2, 3, 5, 8])
+def test_v_schedule_completes_and_keeps_1f1b_memory(stages: int, microbatches: int) -> None:
+    check_completes("zero_bubble_v", stages, microbatches, 2)
+    placement = stage_ranks("zero_bubble_v", stages, 2)
+    assert placement[0] == placement[-1] == 0  # the first and the last stage on rank 0
+    for r in range(stages):
+        actions = build_schedule("zero_bubble_v", r, stages, microbatches)
+        mine = [k for k, rank in enumerate(placement) if rank == r]
+        for kind in "FB":
+            for k in mine:
+                assert [a.microbatch for a in actions if a.kind == kind and a.stage == k] == list(range(microbatches))
+        held = peak = 0
+        for a in actions:
+            held += 1 if a.kind == "F" else -1
+            peak = max(peak, held)
+        assert peak <= 2 * stages  # stage-micro-batches of half a rank's layers: 1F1B's p micro-batches at most
+        check = [forward_only(x, stages, microbatches, 2, "zero_bubble_v") for x in range(stages)]
+        assert simulate(check, 2 * stages)
+
+
+def test_v_shape_has_the_smallest_ideal_bubble() -> None:
+    bubbles = [ideal_bubble(s, 2, 8, chunks=2) for s in ("zero_bubble_v", "zero_bubble", "interleaved_1f1b", "1f1b")]
+    assert bubbles == sorted(bubbles)
