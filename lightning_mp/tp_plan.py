@@ -445,6 +445,14 @@ def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup
             raise ModelSplitError(f"{name}: {err}") from err
         for param_name, spec in specs.items():
             by_param[id(getattr(module, param_name))] = spec
+    for name, module in modules.items():  # a module that reads a split weight must be split itself
+        split = [pn for pn, p in module.named_parameters(recurse=False) if id(p) in by_param]
+        if split and not hasattr(module, "_lmp_tp"):
+            raise ModelSplitError(
+                f"{name} ({type(module).__name__}) shares its parameter '{split[0]}' with a layer the tensor-parallel"
+                " plan splits, but is not split itself: split both (e.g. an LM head tied to the embedding: 'vocab' for"
+                " the embedding, automatic for the head) or replicate both in tensor_parallel_plan."
+            )
     for name, changes in plan.attributes.items():
         if name in modules:
             for attr, value in changes.items():

@@ -105,6 +105,18 @@ def test_per_rank_parameter_memory_is_reported() -> None:
     assert "parameters per rank: stage 0:" in report["tensor_parallel_text"]
 
 
+def test_a_tied_weight_is_split_for_both_users_or_refused() -> None:
+    import torch.distributed as dist
+
+    from lightning_mp.tp_layers import TPGroup
+    from lightning_mp.tp_plan import apply_tensor_parallel
+
+    model = make_model("gpt")
+    plan = _plan("gpt", user={"head": "replicate"})  # the head is tied to the embedding, which stays split
+    with pytest.raises(ModelSplitError, match=r"head \(Linear\) shares its parameter 'weight'"):
+        apply_tensor_parallel(model, plan, TPGroup(dist.group.WORLD, 0, 2))  # (fails before any message)
+
+
 def test_uneven_vocabulary_follows_torch_chunk() -> None:
     assert [ShardSpec(0, (5,), r, 2).slices() for r in range(2)] == [[(0, 3)], [(3, 2)]]
     full = torch.arange(10).view(5, 2)
