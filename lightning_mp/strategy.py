@@ -249,6 +249,7 @@ class ModelParallel(ParallelStrategy):
         self._runner: Optional[PipelineRunner] = None
         self._stash = GradStash()
         self._watch: Optional[FailureWatch] = None
+        self._failed = False  # this run raised (teardown then waits for no one)
         self._batch_checked = False
         self._shared_groups: list[tuple[list[torch.nn.Parameter], Any]] = []
         self._norm_skip: set[int] = set()  # tied copies counted on another stage, replicas on another tp rank
@@ -333,6 +334,7 @@ class ModelParallel(ParallelStrategy):
         self.lightning_module._device_mesh = self._mesh
 
     def _start_failure_watch(self) -> None:
+        self._failed = False
         if self._watch is not None:
             self._watch.stop()
         seconds = (self._timeout or default_pg_timeout).total_seconds()
@@ -824,6 +826,7 @@ class ModelParallel(ParallelStrategy):
     def on_exception(self, exception: BaseException) -> None:
         # A rank that fails leaves its peers blocked in a receive: tell them (they end within seconds), name this
         # rank in its own traceback, and on the launching rank end the processes it started.
+        self._failed = True
         if self._layout is not None and dist.is_initialized():
             me = self.describe_rank(self.global_rank)
             if hasattr(exception, "add_note"):
@@ -840,7 +843,7 @@ class ModelParallel(ParallelStrategy):
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
         if self._watch is not None:
-            self._watch.stop()
+            self._watch.stop(self.world_size, failed=self._failed)
             self._watch = None
         if hydra_multirun():  # the next job of the sweep starts its own processes and process group
             if dist.is_initialized():

@@ -13,7 +13,9 @@ the rendezvous store every rank already shares:
   direction and peer, and posts it so that the others end too.
 
 Liveness is judged only while this rank is blocked on a peer, so a peer that finished its last step early is never
-taken for dead.
+taken for dead. At the end, global rank 0 (whose process hosts the store) waits a bounded time for every watch to
+stop before it returns: a watch thread caught in a store call when the store's host exits would block the rank's
+exit until the store's timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 FAILURE_KEY = "lightning_mp/failure"
 HEARTBEAT_KEY = "lightning_mp/heartbeat/{rank}"
+STOPPED_KEY = "lightning_mp/stopped/{generation}"  # watches of one run that have stopped
+STOP_WAIT_S = 30.0  # the longest rank 0 waits for the others' watches to stop
 
 
 class FailureWatch:
@@ -62,15 +66,29 @@ class FailureWatch:
         self._thread: threading.Thread | None = None
         self._beats: dict[int, tuple[int, float]] = {}  # peer -> (last counter seen, when it last changed)
 
+    _generations = 0  # watches started by this process: the same sequence on every rank
+
     def start(self) -> None:
+        FailureWatch._generations += 1
+        self.generation = FailureWatch._generations
         self._thread = threading.Thread(target=self._run, name="lightning-mp-failure-watch", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, world_size: int = 1, failed: bool = False) -> None:
+        """Stop the thread. Unless this run ``failed``, global rank 0 then waits (at most ``STOP_WAIT_S``) until the
+        ``world_size`` ranks' watches have all stopped, so that no watch is left using the store it hosts."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5 * self.poll)
-            self._thread = None
+        if self._thread is None:
+            return
+        self._thread.join(timeout=5 * self.poll)
+        self._thread = None
+        key = STOPPED_KEY.format(generation=self.generation)
+        with contextlib.suppress(Exception):
+            stopped = int(self.store.add(key, 1))
+            deadline = time.monotonic() + STOP_WAIT_S
+            while self.rank == 0 and not failed and stopped < world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+                stopped = int(self.store.add(key, 0))
 
     @contextlib.contextmanager
     def waiting(self, peer: int, what: str) -> Iterator[None]:
