@@ -1,4 +1,4 @@
-"""lightning-mp: pipeline model parallelism for any LightningModule.
+"""lightning-mp: pipeline and tensor model parallelism for any LightningModule.
 
 ``import lightning_mp`` registers the strategy name ``"model_parallel"``::
 
@@ -7,6 +7,7 @@
 
     trainer = L.Trainer(strategy="model_parallel", devices=2)
     trainer = L.Trainer(strategy=lightning_mp.ModelParallel(pipeline_parallel_size=2, schedule="1f1b"), devices=2)
+    trainer = L.Trainer(strategy=lightning_mp.ModelParallel(tensor_parallel_size=2), devices=4)
 """
 
 from lightning_mp.config import ModelParallelConfig, build_strategy, register_configs
@@ -16,6 +17,7 @@ from lightning_mp.layout import ParallelLayout
 from lightning_mp.planning import build_plan
 from lightning_mp.registry import register
 from lightning_mp.strategy import ModelParallel
+from lightning_mp.tp_plan import TensorParallelPlan, plan_tensor_parallel
 
 __all__ = [
     "LayoutError",
@@ -24,9 +26,11 @@ __all__ = [
     "ModelSplitError",
     "ParallelLayout",
     "PipelineError",
+    "TensorParallelPlan",
     "build_plan",
     "build_strategy",
     "dry_run",
+    "plan_tensor_parallel",
 ]
 __version__ = "0.1.0"
 
