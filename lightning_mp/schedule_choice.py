@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from lightning_mp.cost_model import TRAINING_COPIES, StageCostModel
 from lightning_mp.partition import InfeasiblePartition, optimal_partition
 from lightning_mp.profiling import LayerCosts
-from lightning_mp.schedules import DEFERRING, Action, build_schedule, stage_ranks
+from lightning_mp.schedules import DEFERRING, Action, build_schedule, needs, stage_ranks
 
 FORWARD_SHARE = 1 / 3  # of a layer's forward+backward time (the backward computes two matrix products)
 DEFERRED_SHARE = 0.5  # of a backward: the weight-gradient half that zero_bubble runs later
@@ -103,7 +103,6 @@ def simulate_step(
 ) -> float:
     """Seconds from the first forward to the last backward when each rank runs its order, an action starting once
     its rank is free and its input is there; ``deferred_share`` of each backward waits and fills idle time."""
-    last = len(stage_times) - 1
     done: dict[tuple[str, int, int], float] = {}
     free = [0.0] * len(orders)
     owed = [0.0] * len(orders)  # deferred weight-gradient seconds a rank still has to run
@@ -114,15 +113,10 @@ def simulate_step(
         for r, order in enumerate(orders):
             while position[r] < len(order):
                 a = order[position[r]]
-                if a.kind == "F":
-                    needs = [] if a.stage == 0 else [("F", a.microbatch, a.stage - 1)]
-                else:
-                    needs = [("F", a.microbatch, a.stage)] + (
-                        [] if a.stage == last else [("B", a.microbatch, a.stage + 1)]
-                    )
-                if any(n not in done for n in needs):
+                waits = needs(a, len(stage_times))
+                if any(n not in done for n in waits):
                     break
-                ready = max([done[n] for n in needs], default=0.0)
+                ready = max([done[n] for n in waits], default=0.0)
                 if ready > free[r] and owed[r] > 0:  # fill the wait with deferred work
                     filled = min(ready - free[r], owed[r])
                     owed[r] -= filled

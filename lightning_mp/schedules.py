@@ -134,17 +134,12 @@ def _v_orders(p: int, m: int) -> list[list[Action]]:
             r = ranks[k]
             for kind in "BF":
                 i = next_mb[(kind, k)]
-                if i >= m:
+                if i >= m or (kind == "F" and k < p and held[r] >= 2 * p):  # new micro-batches within the cap
                     continue
-                if kind == "F":
-                    needs = [] if k == 0 else [("F", i, k - 1)]
-                    if k < p and held[r] >= 2 * p:  # a new micro-batch enters only within the memory cap
-                        continue
-                else:
-                    needs = [("F", i, k)] + ([] if k == last else [("B", i, k + 1)])
-                if any(n not in finish for n in needs):
+                waits = needs(Action(kind, i, k), last + 1)
+                if any(n not in finish for n in waits):
                     continue
-                start = max([free[r]] + [finish[n] for n in needs])
+                start = max([free[r]] + [finish[n] for n in waits])
                 candidate = (start, 0 if kind == "B" else 1, -k, r, Action(kind, i, k))
                 if best is None or candidate[:4] < best[:4]:
                     best = candidate
@@ -158,10 +153,18 @@ def _v_orders(p: int, m: int) -> list[list[Action]]:
     return orders
 
 
+def needs(action: Action, num_virtual: int) -> list[tuple[str, int, int]]:
+    """The (kind, micro-batch, stage) actions ``action`` waits for: a forward, the previous stage's forward; a
+    backward, its own forward and the next stage's backward."""
+    i, k = action.microbatch, action.stage
+    if action.kind == "F":
+        return [] if k == 0 else [("F", i, k - 1)]
+    return [("F", i, k)] + ([] if k == num_virtual - 1 else [("B", i, k + 1)])
+
+
 def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
-    """Whether every rank runs its order to the end when it blocks only on what its next action needs (a forward:
-    the previous virtual stage's forward; a backward: its own forward and the next stage's backward) and sends never
-    block. False means the orders would deadlock."""
+    """Whether every rank runs its order to the end when it blocks only on what its next action :func:`needs` and
+    sends never block. False means the orders would deadlock."""
     done: set[tuple[str, int, int]] = set()
     position = [0] * len(orders)
     moved = True
@@ -170,12 +173,7 @@ def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
         for r, order in enumerate(orders):
             while position[r] < len(order):
                 a = order[position[r]]
-                if a.kind == "F":
-                    ready = a.stage == 0 or ("F", a.microbatch, a.stage - 1) in done
-                else:
-                    after = a.stage == num_virtual - 1 or ("B", a.microbatch, a.stage + 1) in done
-                    ready = after and ("F", a.microbatch, a.stage) in done
-                if not ready:
+                if any(n not in done for n in needs(a, num_virtual)):
                     break
                 done.add((a.kind, a.microbatch, a.stage))
                 position[r] += 1
