@@ -45,7 +45,7 @@ class PipelineRunner:
         runtime: this rank's stage.
         pp_ranks: global ranks of this rank's pipeline group, by stage.
         pp_group: that group (for sharing the last stage's loss and logs).
-        schedule: "gpipe", "1f1b" or "none".
+        schedule: a name of schedules.SCHEDULE_CHOICES other than "auto".
         microbatches: micro-batches per step (fewer when the batch has fewer samples).
         monitor: log per-stage utilization and the bubble each step, and advise a better split when imbalanced.
         p2p: the messenger to the neighbouring stages (one without a failure watch by default).
