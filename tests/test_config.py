@@ -100,7 +100,7 @@ def test_minilm_resolves_to_the_packaged_weights() -> None:
         (
             "strategy.schedule=zero",
             r"strategy.schedule='zero' is invalid: allowed: auto \| gpipe \| 1f1b \| interleaved_1f1b \| zero_bubble"
-            r" \| none",
+            r" \| zero_bubble_v \| none",
         ),
         ("strategy.balance=fastest", r"strategy.balance='fastest' is invalid: allowed: uniform \| params"),
         ("strategy.microbatches=0", r"strategy.microbatches=0 is invalid: allowed: a positive int or auto"),

@@ -75,6 +75,6 @@ def test_a_bad_setting_is_refused_before_any_process_starts(tmp_path: Path) -> N
     start = time.monotonic()
     proc = run_script(_recipe("causal_lm", "strategy.schedule=zero", f"hydra.run.dir={tmp_path}"))
     assert proc.returncode != 0
-    allowed = "auto | gpipe | 1f1b | interleaved_1f1b | zero_bubble | none"
+    allowed = "auto | gpipe | 1f1b | interleaved_1f1b | zero_bubble | zero_bubble_v | none"
     assert f"strategy.schedule='zero' is invalid: allowed: {allowed}" in proc.stderr
     assert "rank1" not in proc.stderr and time.monotonic() - start < 60
