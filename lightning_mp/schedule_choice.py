@@ -9,13 +9,13 @@ memory. The fastest candidate whose memory fits ``max_memory`` wins; within 1% t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_mp.cost_model import TRAINING_COPIES, StageCostModel
 from lightning_mp.partition import InfeasiblePartition, optimal_partition
 from lightning_mp.profiling import LayerCosts
-from lightning_mp.schedules import DEFERRING, Action, build_schedule, needs, stage_ranks
+from lightning_mp.schedules import DEFERRING, Action, build_schedule, needs, play_out, stage_ranks
 
 FORWARD_SHARE = 1 / 3  # of a layer's forward+backward time (the backward computes two matrix products)
 DEFERRED_SHARE = 0.5  # of a backward: the weight-gradient half that zero_bubble runs later
@@ -75,7 +75,7 @@ def estimate_schedules(
         acts = [_activations(costs, k, v_stages, bounds[k], bounds[k + 1]) for k in range(v_stages)]
         orders = [build_schedule(schedule, r, p, microbatches, chunks) for r in range(p)]
         deferred = DEFERRED_SHARE if schedule in DEFERRING else 0.0
-        step = simulate_step(orders, times, placement.__getitem__, deferred)
+        step = simulate_step(orders, times, deferred)
         memory = max(
             TRAINING_COPIES * sum(params[k] for k in range(v_stages) if placement[k] == r)
             + _peak_in_flight(orders[r], acts)
@@ -96,40 +96,26 @@ def pick_schedule(estimates: Sequence[ScheduleEstimate], max_memory: float | Non
 
 
 def simulate_step(
-    orders: Sequence[Sequence[Action]],
-    stage_times: Sequence[float],
-    rank_of: Callable[[int], int],
-    deferred_share: float = 0.0,
+    orders: Sequence[Sequence[Action]], stage_times: Sequence[float], deferred_share: float = 0.0
 ) -> float:
     """Seconds from the first forward to the last backward when each rank runs its order, an action starting once
     its rank is free and its input is there; ``deferred_share`` of each backward waits and fills idle time."""
-    done: dict[tuple[str, int, int], float] = {}
+    finish: dict[tuple[str, int, int], float] = {}
     free = [0.0] * len(orders)
     owed = [0.0] * len(orders)  # deferred weight-gradient seconds a rank still has to run
-    position = [0] * len(orders)
-    moved = True
-    while moved:
-        moved = False
-        for r, order in enumerate(orders):
-            while position[r] < len(order):
-                a = order[position[r]]
-                waits = needs(a, len(stage_times))
-                if any(n not in done for n in waits):
-                    break
-                ready = max([done[n] for n in waits], default=0.0)
-                if ready > free[r] and owed[r] > 0:  # fill the wait with deferred work
-                    filled = min(ready - free[r], owed[r])
-                    owed[r] -= filled
-                    free[r] += filled
-                start = max(free[r], ready)
-                cost = stage_times[a.stage] * (FORWARD_SHARE if a.kind == "F" else 1 - FORWARD_SHARE)
-                if a.kind == "B" and deferred_share:
-                    owed[r] += cost * deferred_share
-                    cost *= 1 - deferred_share
-                free[r] = start + cost
-                done[(a.kind, a.microbatch, a.stage)] = free[r]
-                position[r] += 1
-                moved = True
+    for r, a in play_out(orders, len(stage_times)):
+        ready = max([finish[n] for n in needs(a, len(stage_times))], default=0.0)
+        if ready > free[r] and owed[r] > 0:  # fill the wait with deferred work
+            filled = min(ready - free[r], owed[r])
+            owed[r] -= filled
+            free[r] += filled
+        start = max(free[r], ready)
+        cost = stage_times[a.stage] * (FORWARD_SHARE if a.kind == "F" else 1 - FORWARD_SHARE)
+        if a.kind == "B" and deferred_share:
+            owed[r] += cost * deferred_share
+            cost *= 1 - deferred_share
+        free[r] = start + cost
+        finish[(a.kind, a.microbatch, a.stage)] = free[r]
     return max(f + o for f, o in zip(free, owed))
 
 

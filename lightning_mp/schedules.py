@@ -9,7 +9,7 @@ run several virtual stages, is checked by :func:`simulate` before use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
 ScheduleName = Literal["auto", "gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zero_bubble_v", "none"]
@@ -162,9 +162,9 @@ def needs(action: Action, num_virtual: int) -> list[tuple[str, int, int]]:
     return [("F", i, k)] + ([] if k == num_virtual - 1 else [("B", i, k + 1)])
 
 
-def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
-    """Whether every rank runs its order to the end when it blocks only on what its next action :func:`needs` and
-    sends never block. False means the orders would deadlock."""
+def play_out(orders: Sequence[Sequence[Action]], num_virtual: int) -> Iterator[tuple[int, Action]]:
+    """(rank, action) for every action the ranks can run, in an order they could run them: each rank in its own
+    order, an action only after all it :func:`needs` (sends never block). Ends early where the orders deadlock."""
     done: set[tuple[str, int, int]] = set()
     position = [0] * len(orders)
     moved = True
@@ -175,10 +175,15 @@ def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
                 a = order[position[r]]
                 if any(n not in done for n in needs(a, num_virtual)):
                     break
+                yield r, a
                 done.add((a.kind, a.microbatch, a.stage))
                 position[r] += 1
                 moved = True
-    return all(position[r] == len(order) for r, order in enumerate(orders))
+
+
+def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
+    """Whether every rank runs its order to the end (:func:`play_out`); False means the orders would deadlock."""
+    return sum(1 for _ in play_out(orders, num_virtual)) == sum(len(order) for order in orders)
 
 
 def forward_only(

@@ -36,11 +36,10 @@ def ideal_bubble(schedule: str, num_stages: int, microbatches: int, chunks: int 
     p = num_stages
     if schedule == "zero_bubble_v":
         from lightning_mp.schedule_choice import simulate_step
-        from lightning_mp.schedules import build_schedule, stage_ranks
+        from lightning_mp.schedules import build_schedule
 
         orders = [build_schedule(schedule, r, p, microbatches) for r in range(p)]
-        placement = stage_ranks(schedule, p, 2)
-        step = simulate_step(orders, [1.0] * 2 * p, placement.__getitem__, deferred_share=0.5)
+        step = simulate_step(orders, [1.0] * 2 * p, deferred_share=0.5)
         return 1.0 - 2 * microbatches / step
     if schedule == "interleaved_1f1b":
         return (p - 1) / (chunks * microbatches + p - 1)

@@ -189,31 +189,20 @@ class _ScatterSeq(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
-    """Forward: the whole sequence from the ranks' slices. Backward: the gradient summed over the ranks, each rank
-    keeping its slice (the ranks' column-parallel layers each contributed a part)."""
+    """Forward: the whole sequence from the ranks' slices. Backward: this rank's slice of the gradient, summed over
+    the ranks when ``summed`` (the ranks' column-parallel layers each contributed a part), else as it is (every
+    rank holds the whole gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, tp: TPGroup) -> Tensor:
-        ctx.tp = tp
+    def forward(ctx: Any, x: Tensor, tp: TPGroup, summed: bool) -> Tensor:
+        ctx.tp, ctx.summed = tp, summed
         return _seq_all_gather(x, tp)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _seq_reduce_scatter(grad, ctx.tp), None
-
-
-class _GatherSeqSliceBack(torch.autograd.Function):
-    """Forward: the whole sequence from the ranks' slices. Backward: this rank's slice of the (replicated)
-    gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, tp: TPGroup) -> Tensor:
-        ctx.tp = tp
-        return _seq_all_gather(x, tp)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _seq_chunk(grad, ctx.tp).contiguous(), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.summed:
+            return _seq_reduce_scatter(grad, ctx.tp), None, None
+        return _seq_chunk(grad, ctx.tp).contiguous(), None, None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
@@ -252,9 +241,9 @@ def install_sequence_parallel(blocks: list[nn.Module], sublayers: list[nn.Module
 
         def gather_output(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
             if isinstance(out, Tensor):
-                return _GatherSeqSliceBack.apply(out, tp)
+                return _GatherSeq.apply(out, tp, False)
             if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
-                return (_GatherSeqSliceBack.apply(out[0], tp), *out[1:])
+                return (_GatherSeq.apply(out[0], tp, False), *out[1:])
             raise ValueError(
                 f"sequence_parallel=True: {type(module).__name__} returned a {type(out).__name__}, not a tensor (or a"
                 " tuple starting with one); set sequence_parallel=False for this model."
@@ -266,7 +255,7 @@ def install_sequence_parallel(blocks: list[nn.Module], sublayers: list[nn.Module
                 sub._lmp_sp = True  # type: ignore[assignment]
     for sublayer in sublayers:
         sublayer.register_forward_pre_hook(
-            lambda m, a, k: _map_hidden(a, k, lambda x: _GatherSeq.apply(x, tp)), with_kwargs=True
+            lambda m, a, k: _map_hidden(a, k, lambda x: _GatherSeq.apply(x, tp, True)), with_kwargs=True
         )
 
 

@@ -15,14 +15,14 @@ def _orders(name: str, p: int, m: int, chunks: int = 1) -> list:
 
 @pytest.mark.parametrize(("p", "m"), [(2, 4), (4, 8), (3, 5)])
 def test_1f1b_step_is_m_plus_p_minus_1_stage_times(p: int, m: int) -> None:
-    assert simulate_step(_orders("1f1b", p, m), [3.0] * p, lambda k: k) == pytest.approx((m + p - 1) * 3.0)
+    assert simulate_step(_orders("1f1b", p, m), [3.0] * p) == pytest.approx((m + p - 1) * 3.0)
 
 
 def test_interleaving_and_zero_bubble_shorten_the_simulated_step() -> None:
     p, m = 2, 4
-    one = simulate_step(_orders("1f1b", p, m), [2.0] * p, lambda k: k)
-    interleaved = simulate_step(_orders("interleaved_1f1b", p, m, 2), [1.0] * 2 * p, lambda k: k % p)
-    zero = simulate_step(_orders("zero_bubble", p, m), [2.0] * p, lambda k: k, deferred_share=0.5)
+    one = simulate_step(_orders("1f1b", p, m), [2.0] * p)
+    interleaved = simulate_step(_orders("interleaved_1f1b", p, m, 2), [1.0] * 2 * p)
+    zero = simulate_step(_orders("zero_bubble", p, m), [2.0] * p, deferred_share=0.5)
     ideal = m * 2.0  # every rank busy the whole step
     assert ideal < zero < one and ideal < interleaved < one
     # the bubbles come out as theory says: (p-1)/(vm+p-1) of the step for interleaving
