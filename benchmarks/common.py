@@ -43,7 +43,7 @@ def fit_and_time(
 ) -> dict | None:
     """Train ``steps`` + 1 steps; on global rank 0 return the median step time after the first, and per-stage
     busy/wait seconds when the strategy pipelines (None on other ranks); ``report(trainer)`` adds its own keys."""
-    from lightning_mp.callbacks import PipelineSummary
+    from lightning_mp.observe.callbacks import PipelineSummary
 
     timer, summary = StepTimer(), PipelineSummary()
     trainer = L.Trainer(

@@ -53,7 +53,7 @@ def _worker(a: argparse.Namespace) -> None:
 
     import lightning_mp
     from examples.gpt import GPT, GPTConfig
-    from lightning_mp.timeline import bubble_report
+    from lightning_mp.observe.timeline import bubble_report
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=a.layers, n_embd=a.d, n_head=a.heads, block_size=a.seq))
@@ -71,7 +71,7 @@ def _worker(a: argparse.Namespace) -> None:
     )
 
     def report(trainer: Any) -> dict:
-        runner = trainer.strategy._runner
+        runner = trainer.strategy.runner
         return bubble_report(list(runner.timelines)[1:], a.schedule, a.m, runner.chunks)  # after the warm-up step
 
     write_result(a.out, fit_and_time(model, loader, a.steps, strategy, P, report))

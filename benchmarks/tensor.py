@@ -28,9 +28,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.gpt import GPT, Block, GPTConfig
-from lightning_mp.tp_layers import TPGroup
-from lightning_mp.tp_plan import apply_tensor_parallel, plan_tensor_parallel
-from lightning_mp.vocab_loss import loss_parallel
+from lightning_mp.tensor.plan import apply_tensor_parallel, plan_tensor_parallel
+from lightning_mp.tensor.shard import TPGroup
+from lightning_mp.tensor.vocab_loss import loss_parallel
 
 BATCH, SEQ, LAYERS = 8, 128, 2
 

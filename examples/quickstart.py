@@ -10,7 +10,6 @@ At the end it prints steps/s, each stage's busy time and the stage plan.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -27,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_mp  # registers "model_parallel"
 from examples.gpt import GPT, GPTConfig
 from examples.text_data import ByteWindows, python_docs_text
-from lightning_mp.callbacks import PipelineSummary
-from lightning_mp.config import build_strategy, check_strategy_config
-from lightning_mp.timeline import PipelineTimeline
+from lightning_mp import PipelineSummary, PipelineTimeline, build_strategy
+from lightning_mp.integrations.config import check_strategy_config
 
 
 @hydra.main(config_path="../conf", config_name="quickstart", version_base="1.3")
@@ -43,8 +41,8 @@ def main(cfg: DictConfig) -> None:
     m = cfg.model
     model = GPT(GPTConfig(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, block_size=m.block_size), lr=m.lr)
     if cfg.dry_run:  # the plan only: no processes, no training
-        planned = inspect.signature(lightning_mp.dry_run).parameters  # the settings that shape the plan
-        strategy_args = {k: v for k, v in check_strategy_config(cfg.strategy).items() if k in planned}
+        strategy_args = check_strategy_config(cfg.strategy)  # the same options training would use
+        strategy_args.pop("_target_", None)
         batch = next(iter(DataLoader(train, batch_size=cfg.data.batch_size)))
         plan, report = lightning_mp.dry_run(model, batch, devices=cfg.trainer.devices, **strategy_args)
         print(plan.format())

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from lightning_mp.callbacks import PipelineSummary
+from lightning_mp.observe.callbacks import PipelineSummary
 
 
 def packaged_model_path(package: str) -> str:

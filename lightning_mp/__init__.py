@@ -10,22 +10,27 @@
     trainer = L.Trainer(strategy=lightning_mp.ModelParallel(tensor_parallel_size=2), devices=4)
 """
 
-from lightning_mp.config import ModelParallelConfig, build_strategy, register_configs
 from lightning_mp.dry_run import dry_run
-from lightning_mp.errors import LayoutError, ModelSplitError, PipelineError
-from lightning_mp.layout import ParallelLayout
-from lightning_mp.planning import build_plan
-from lightning_mp.registry import register
+from lightning_mp.integrations.config import ModelParallelConfig, build_strategy, register_configs
+from lightning_mp.integrations.registry import register
+from lightning_mp.observe.callbacks import PipelineSummary
+from lightning_mp.observe.timeline import PipelineTimeline
+from lightning_mp.plan.build import build_plan
+from lightning_mp.runtime.errors import ConfigError, LayoutError, ModelSplitError, PipelineError
+from lightning_mp.runtime.layout import ParallelLayout
 from lightning_mp.strategy import ModelParallel
-from lightning_mp.tp_plan import TensorParallelPlan, plan_tensor_parallel
+from lightning_mp.tensor.plan import TensorParallelPlan, plan_tensor_parallel
 
 __all__ = [
+    "ConfigError",
     "LayoutError",
     "ModelParallel",
     "ModelParallelConfig",
     "ModelSplitError",
     "ParallelLayout",
     "PipelineError",
+    "PipelineSummary",
+    "PipelineTimeline",
     "TensorParallelPlan",
     "build_plan",
     "build_strategy",

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_mp.stage import is_placeholder
+from lightning_mp.plan.stage_plan import is_placeholder
 
 ROOT = Path(__file__).resolve().parent.parent
 

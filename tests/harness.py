@@ -56,7 +56,7 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     callbacks: list[L.Callback] = [recorder]
     plugins = []
     if job.get("checkpoint_io") == "distributed":  # one plain process reading a lightning-mp checkpoint directory
-        from lightning_mp.consolidate import DistributedCheckpointIO
+        from lightning_mp.checkpoint.consolidate import DistributedCheckpointIO
 
         plugins.append(DistributedCheckpointIO())
     if job.get("early_stopping"):
@@ -64,7 +64,7 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
 
         callbacks.append(EarlyStopping(**job["early_stopping"]))
     if job.get("timeline"):
-        from lightning_mp.timeline import PipelineTimeline
+        from lightning_mp.observe.timeline import PipelineTimeline
 
         callbacks.append(PipelineTimeline(dirpath=out_dir / job["name"], steps=2))
     if job.get("crash_in_save"):
@@ -129,7 +129,7 @@ def _parameters(trainer: L.Trainer, model: L.LightningModule) -> dict[str, torch
 
 def _crash_in_save(rank: int, call: int) -> None:
     """Make global rank ``rank`` die in the middle of the ``call``-th checkpoint save (the others are writing)."""
-    import lightning_mp.checkpoint as checkpoint
+    import lightning_mp.checkpoint.distributed as checkpoint
 
     write = checkpoint.write_tensors
     calls = [0]

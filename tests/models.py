@@ -384,3 +384,12 @@ MODELS.update(
     frozen=FrozenBottomGPT,
     reentrant=ReentrantCheckpointGPT,
 )
+
+
+def _register_zoo() -> None:
+    from tests.zoo import all_models  # the public-model families (tests/zoo/), which build on the classes above
+
+    MODELS.update(all_models())
+
+
+_register_zoo()

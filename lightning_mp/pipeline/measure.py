@@ -1,0 +1,115 @@
+"""Measuring the user's step for the planner at set-up: the first batch of the data, and the per-layer costs of one
+real micro-batch of it (see ``plan.profiling``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_mp.observe.step_logs import LogRecords, capture_logs
+from lightning_mp.pipeline.losses import step_loss
+from lightning_mp.pipeline.microbatch import split_batch
+from lightning_mp.plan.discovery import ModelLayers
+from lightning_mp.plan.profiling import LayerCosts, preserved_random_state, profile_layers
+from lightning_mp.runtime.messages import broadcast_object
+from lightning_mp.runtime.tree import tree_map
+
+
+def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, backward: bool) -> Callable:
+    """A ``measure`` for :func:`build_plan`: the user's ``hook`` on the first micro-batch of ``batch``.
+
+    A model on the meta device is measured in FLOPs on a meta copy of the micro-batch (see ``profiling``).
+    """
+
+    def measure(found: ModelLayers) -> LayerCosts:
+        microbatch = split_batch(batch, microbatches)[0][0]
+        if any(p.is_meta for p in module.parameters()):  # planned without memory: the batch goes to meta too
+            microbatch = tree_map(lambda t: t.to("meta"), microbatch)
+        records = LogRecords()
+
+        def run_step() -> Tensor | None:
+            with capture_logs(module, records, 1.0):
+                output = getattr(module, hook)(microbatch, 0)
+            loss = step_loss(output, hook)
+            return loss if backward else None
+
+        context = torch.enable_grad() if backward else torch.no_grad()
+        with context:
+            return profile_layers(module, found, run_step)
+
+    return measure
+
+
+def first_batch(trainer: Any, to_device: Callable[[Any], Any]) -> tuple[Any, str | None]:
+    """(the first batch of the trainer's current dataloader, moved by ``to_device``; or None and what went wrong).
+
+    Taking it does not change what training sees: a shuffling sampler's generators are restored afterwards.
+    """
+    loop = getattr(trainer, f"{_fn(trainer)}_loop")
+    try:
+        loader = loop._data_source.dataloader()
+        with preserved_random_state(*_generators_of(loader)):
+            batch = next(iter(loader))
+    except Exception as err:  # any failure of the user's dataloader hook means: no batch to measure
+        return None, f"{type(err).__name__}: {err}"
+    return to_device(batch), None
+
+
+def setup_measurement(
+    trainer: Any, module: Any, balance: Any, wanted: bool, microbatches: int, device: torch.device, rank: int,
+    to_device: Callable[[Any], Any],
+) -> Callable[[ModelLayers], LayerCosts] | None:  # fmt: skip
+    """How to measure the model's costs when ``balance`` ("time", "memory") or ``wanted`` (max_memory,
+    schedule="auto") needs them: global rank 0 runs the user's step on one micro-batch of the data the trainer is
+    about to use, and every rank receives the same costs. None when not needed, or without a batch (no dataloader
+    yet, an empty one): a warning then says why, and the planner falls back to balance="params".
+    """
+    if balance not in ("time", "memory") and not wanted:
+        return None
+    batch, problem = first_batch(trainer, to_device) if rank == 0 else (None, None)
+    problem = broadcast_object(problem, 0, None, device)
+    if problem is not None:
+        rank_zero_warn(
+            f"lightning-mp: balance={balance!r} measures the model on one batch of its data at set-up and could"
+            f" not get one ({problem}); using balance='params' instead, and max_memory is not checked."
+        )
+        return None
+    fitting = _fn(trainer) == "fit"
+    hook = _HOOKS[_fn(trainer)]
+
+    def measure(found: ModelLayers) -> LayerCosts:
+        costs = None
+        if rank == 0:
+            if not any(p.is_meta for p in module.parameters()):  # a meta model is measured in FLOPs
+                module.to(device)
+            costs = measure_step_costs(module, hook, batch, microbatches, backward=fitting)(found).as_dict()
+        return LayerCosts(**broadcast_object(costs, 0, None, device))
+
+    return measure
+
+
+_HOOKS = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+def _fn(trainer: Any) -> str:
+    """What the trainer is running: "fit", "validate", "test" or "predict" (either Lightning package's enum)."""
+    return str(trainer.state.fn.value)
+
+
+def _generators_of(loader: Any) -> list[torch.Generator]:
+    """The random generators a DataLoader (and its sampler, batch sampler) draws from."""
+    owners = [
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ]
+    found: list[torch.Generator] = []
+    for owner in owners:
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found

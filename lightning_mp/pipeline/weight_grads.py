@@ -1,0 +1,112 @@
+"""Splitting a backward pass in two: input gradients now, weight gradients later (the zero-bubble idea).
+
+A stage's backward of micro-batch ``i`` produces two things: the gradient of its input, which the previous stage is
+waiting for, and the gradients of its weights, which nobody needs before the optimizer step. Under
+``schedule="zero_bubble"`` the stage's ``nn.Linear`` layers (the bulk of a transformer's FLOPs) compute only the
+input gradient in the backward and queue the weight-gradient product; the executor runs queued products while it
+would otherwise wait on a receive, and the rest before the step ends. The products are the ones autograd would
+compute (``grad_out^T @ input``), accumulated into ``.grad`` the same way, so the numbers do not change.
+
+Only plain ``nn.Linear`` modules of the stage's own layers are deferred (not under autocast: there the regular path
+runs); every other parameter gets its gradient in the backward as usual.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class DeferredWeightGrads:
+    """The queue of weight-gradient products of the stage's linear layers, per micro-batch."""
+
+    def __init__(self) -> None:
+        self.enabled = False  # defer during this step's forwards/backwards (zero_bubble training steps only)
+        self.microbatch = -1  # the micro-batch whose forward or backward is running
+        self.pending: OrderedDict[int, list[tuple[Tensor, Tensor | None, Tensor, Tensor]]] = OrderedDict()
+        self._linear = _deferring_linear_class(self)
+
+    def install(self, modules: list[nn.Module]) -> None:
+        """Route the forward of each plain ``nn.Linear`` among ``modules`` (and their children) through the queue."""
+        for module in modules:
+            for sub in module.modules():
+                if type(sub) is nn.Linear:
+                    sub.__class__ = self._linear
+                    sub._lmp_deferred = self  # type: ignore[assignment]  # (tensor-parallel layers defer through it)
+
+    def defers(self, weight: Tensor, inputs: Tensor) -> bool:
+        """Whether a linear layer's product with ``weight`` defers its weight gradient now."""
+        return (
+            self.enabled
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+            and not torch.is_autocast_enabled(inputs.device.type)
+        )
+
+    def linear(self, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear``, its weight (and bias) gradient queued when deferring."""
+        if self.defers(weight, inputs):
+            return _LinearInputGradOnly.apply(inputs, weight, bias, self, self.microbatch)
+        return F.linear(inputs, weight, bias)
+
+    def defer(self, microbatch: int, weight: Tensor, bias: Tensor | None, inputs: Tensor, grad_out: Tensor) -> None:
+        self.pending.setdefault(microbatch, []).append((weight, bias, inputs, grad_out))
+
+    def has_pending(self) -> bool:
+        return bool(self.pending)
+
+    def run_one(self) -> int:
+        """Compute the oldest queued product; return its micro-batch."""
+        microbatch, items = next(iter(self.pending.items()))
+        weight, bias, inputs, grad_out = items.pop(0)
+        if not items:
+            del self.pending[microbatch]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        _accumulate(weight, g.t().mm(inputs.reshape(-1, inputs.shape[-1])))
+        if bias is not None:
+            _accumulate(bias, g.sum(0))
+        return microbatch
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.enabled = False
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    with torch.no_grad():
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+
+
+class _LinearInputGradOnly(torch.autograd.Function):
+    """``F.linear`` whose backward returns the input gradient and queues the weight and bias gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, weight: Tensor, bias: Tensor | None, queue: Any, microbatch: int) -> Tensor:
+        ctx.save_for_backward(inputs)
+        # the parameters themselves, not saved tensors: a saved tensor may come back as an alias (saved-tensor
+        # hooks), and the queued gradient must land in the parameter's own .grad
+        ctx.weight, ctx.bias, ctx.queue, ctx.microbatch = weight, bias, queue, microbatch
+        return F.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (inputs,) = ctx.saved_tensors
+        grad_in = grad_out.matmul(ctx.weight) if ctx.needs_input_grad[0] else None
+        ctx.queue.defer(ctx.microbatch, ctx.weight, ctx.bias if ctx.needs_input_grad[2] else None, inputs, grad_out)
+        return grad_in, None, None, None, None
+
+
+def _deferring_linear_class(queue: DeferredWeightGrads) -> type[nn.Linear]:
+    class Linear(nn.Linear):
+        def forward(self, inputs: Tensor) -> Tensor:
+            return queue.linear(inputs, self.weight, self.bias)
+
+    Linear.__module__, Linear.__qualname__ = nn.Linear.__module__, nn.Linear.__qualname__
+    return Linear

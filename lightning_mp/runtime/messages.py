@@ -1,0 +1,350 @@
+"""Point-to-point messages between neighbouring stages: any structure of tensors, with shapes that may change.
+
+A forward message carries what a stage's last block returned: a tensor, or a tuple/list/dict/dataclass of
+tensors and constants. It travels as a pickled header in one fixed-size frame (the structure, and each tensor's
+shape, dtype and whether it needs a gradient) followed by one message per tensor, so the sequence length may change
+from micro-batch to micro-batch with no agreement beforehand. Gradients travel back without a header: the receiver
+knows their shapes from the forward message. Sends are asynchronous; their handles are kept until the step ends.
+
+With interleaved schedules two ranks exchange the messages of several virtual stages, in orders each rank's
+schedule decides: there every message, gradients included, carries a key (direction, stage, micro-batch) in its
+header, and a receiver that reads another message than the one it waits for keeps it until it is asked for. This
+works on any backend: messages between two ranks arrive in the order they were sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pickle
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_mp.runtime.errors import PipelineError
+from lightning_mp.runtime.tree import tree_map
+
+if TYPE_CHECKING:
+    from lightning_mp.runtime.watchdog import FailureWatch
+
+# ---- structure <-> flat list of tensors -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where a tensor was in a flattened structure: its index in the flat list."""
+
+    index: int
+
+
+def flatten(obj: Any) -> tuple[list[Tensor], Any]:
+    """Flat list of the tensors in ``obj`` and a picklable spec (the structure, each tensor replaced by its slot)
+    that :func:`unflatten` rebuilds it from."""
+    tensors: list[Tensor] = []
+
+    def slot(tensor: Tensor) -> _Slot:
+        tensors.append(tensor)
+        return _Slot(len(tensors) - 1)
+
+    return tensors, tree_map(slot, obj)
+
+
+def unflatten(spec: Any, tensors: list[Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    return tree_map(lambda s: tensors[s.index], spec, is_leaf=lambda x: isinstance(x, _Slot))
+
+
+# ---- framing: a pickled payload in one fixed-size message (two when it is large) -------------------------------
+
+FRAME_BYTES = 4096
+_LENGTH_BYTES = 8
+
+
+def encode_frames(payload: bytes, device: torch.device) -> list[Tensor]:
+    """``payload`` as a fixed-size first frame (its length, then as much as fits) and, if needed, the rest."""
+    data = len(payload).to_bytes(_LENGTH_BYTES, "little") + payload
+    first = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+    head = data[:FRAME_BYTES]
+    first[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    frames = [first.to(device)]
+    if len(data) > FRAME_BYTES:
+        frames.append(torch.frombuffer(bytearray(data[FRAME_BYTES:]), dtype=torch.uint8).to(device))
+    return frames
+
+
+def frame_overflow(first: Tensor) -> int:
+    """Bytes of the payload that did not fit in the first frame (the size of the second frame, or 0)."""
+    length = int.from_bytes(first[:_LENGTH_BYTES].cpu().numpy().tobytes(), "little")
+    return max(0, _LENGTH_BYTES + length - FRAME_BYTES)
+
+
+def decode_frames(first: Tensor, rest: Tensor | None) -> bytes:
+    """The payload carried by :func:`encode_frames`' frames."""
+    length = int.from_bytes(first[:_LENGTH_BYTES].cpu().numpy().tobytes(), "little")
+    data = first.cpu().numpy().tobytes()[_LENGTH_BYTES:]
+    if rest is not None:
+        data += rest.cpu().numpy().tobytes()
+    return data[:length]
+
+
+def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, device: torch.device) -> Any:
+    """``obj`` from global rank ``src`` on every rank of ``group``: one collective for small objects, two for large."""
+    is_src = dist.get_rank() == src
+    frames = (
+        encode_frames(pickle.dumps(obj), device)
+        if is_src
+        else [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device)]
+    )
+    dist.broadcast(frames[0], src, group=group)
+    overflow = frame_overflow(frames[0])
+    if overflow:
+        if not is_src:
+            frames.append(torch.empty(overflow, dtype=torch.uint8, device=device))
+        dist.broadcast(frames[1], src, group=group)
+    return obj if is_src else pickle.loads(decode_frames(frames[0], frames[1] if overflow else None))
+
+
+def all_gather_objects(obj: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any]:
+    """Every rank's ``obj`` on every rank of ``group``, in group-rank order: one collective for small objects."""
+    world = dist.get_world_size(group)
+    frames = encode_frames(pickle.dumps(obj), device)
+    firsts = [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(firsts, frames[0], group=group)
+    overflows = [frame_overflow(f) for f in firsts]
+    rests: list[Tensor | None] = [None] * world
+    if any(overflows):
+        longest = max(overflows)
+        mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+        if len(frames) > 1:
+            mine[: frames[1].numel()] = frames[1]
+        padded = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+        dist.all_gather(padded, mine, group=group)
+        rests = [p[:n] if n else None for p, n in zip(padded, overflows)]
+    return [pickle.loads(decode_frames(f, r)) for f, r in zip(firsts, rests)]
+
+
+# ---- messages ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+@dataclasses.dataclass
+class Received:
+    """A forward message: the rebuilt structure and its tensors (leaves where a gradient flows back)."""
+
+    value: Any
+    tensors: list[Tensor]
+    metas: list[TensorMeta]
+
+
+@dataclasses.dataclass
+class PendingGrads:
+    """Gradients being received (:meth:`P2P.irecv_grads`)."""
+
+    p2p: P2P
+    outputs: list[Tensor]
+    grads: list[Tensor]
+    works: list[Any]
+    src: int
+    label: str
+
+    def ready(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(tensors, gradients) once every gradient has arrived."""
+        with self.p2p._waiting(self.src, f"receive {self.label}"):
+            for work in self.works:
+                try:
+                    work.wait()
+                except RuntimeError as err:
+                    raise self.p2p._error("receive", self.label, self.src, err) from err
+        return self.outputs, self.grads
+
+
+class P2P:
+    """Sends and receives stage messages to and from global ranks, keeping the handles of pending sends.
+
+    Each operation carries a label ("the activation of micro-batch 3"): a failed or timed-out operation raises a
+    :class:`PipelineError` naming this rank, the label, the direction and the peer (and, with a ``watch``, the
+    first failure another rank reported, which is usually the cause).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        group: dist.ProcessGroup | None = None,
+        watch: FailureWatch | None = None,
+        describe: Callable[[int], str] = lambda rank: f"rank {rank}",
+    ) -> None:
+        self.device = device
+        self.group = group
+        self.watch = watch
+        self.describe = describe
+        self._pending: list[tuple[Any, Tensor, int, str]] = []
+        self._stash: dict[tuple[int, Any], Received] = {}  # keyed messages read ahead of their turn, by (src, key)
+
+    # forward direction -----------------------------------------------------------------------------------------
+    def send_activation(self, value: Any, dst: int, label: str = "an activation", key: Any = None) -> list[Tensor]:
+        """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back). With ``key`` the
+        message is keyed (see the module docstring) and must be received by :meth:`recv_activation` with it."""
+        tensors, spec = flatten(value)
+        metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+        if key is not None and dist.is_initialized() and dst == dist.get_rank():  # the next stage is on this rank
+            copies = [t.detach().clone().requires_grad_(m.requires_grad and torch.is_grad_enabled()) for t, m in
+                      zip(tensors, metas)]  # fmt: skip
+            self._stash[(dst, key)] = Received(unflatten(spec, copies), copies, metas)
+            return tensors
+        header = (spec, metas) if key is None else (key, spec, metas)
+        for frame in encode_frames(pickle.dumps(header), self.device):
+            self._isend(frame, dst, label)
+        for t in tensors:
+            self._isend(t.detach().contiguous(), dst, label)
+        return tensors
+
+    def recv_activation(self, src: int, label: str = "an activation", key: Any = None) -> Received:
+        """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
+        if key is not None:
+            return self._recv_keyed(src, key, label)
+        (spec, metas), tensors = self._recv_message(src, label)
+        return Received(unflatten(spec, tensors), tensors, metas)
+
+    def _recv_message(self, src: int, label: str, first: Tensor | None = None) -> tuple[Any, list[Tensor]]:
+        """(header, tensors) of the next message from ``src`` (whose first frame may have arrived already); the
+        header's last item is the tensors' metas."""
+        if first is None:
+            first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+            self._recv(first, src, label)
+        rest = None
+        if frame_overflow(first):
+            rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
+            self._recv(rest, src, label)
+        header = pickle.loads(decode_frames(first, rest))
+        tensors = []
+        for meta in header[-1]:
+            t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+            self._recv(t, src, label)
+            tensors.append(t.requires_grad_(meta.requires_grad and torch.is_grad_enabled()))
+        return header, tensors
+
+    def _recv_keyed(self, src: int, key: Any, label: str, fill: Callable[[], bool] | None = None) -> Received:
+        """The message ``key`` from ``src``, reading (and keeping) the ones sent before it. While no message has
+        started to arrive, ``fill()`` runs other work (until it returns False: nothing left)."""
+        while (src, key) not in self._stash:
+            first = None
+            if fill is not None:
+                first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+                try:
+                    work = dist.irecv(first, src, group=self.group)
+                except RuntimeError as err:
+                    raise self._error("receive", label, src, err) from err
+                while not work.is_completed() and fill():
+                    pass
+                with self._waiting(src, f"receive {label}"):
+                    try:
+                        work.wait()
+                    except RuntimeError as err:
+                        raise self._error("receive", label, src, err) from err
+            (found, spec, metas), tensors = self._recv_message(src, label, first)
+            self._stash[(src, found)] = Received(unflatten(spec, tensors), tensors, metas)
+        return self._stash.pop((src, key))
+
+    # backward direction ----------------------------------------------------------------------------------------
+    def send_grads(self, received: Received, dst: int, label: str = "a gradient", key: Any = None) -> None:
+        """Send the gradients of the received leaves that needed one (zeros where none arrived)."""
+        grads = [
+            (t.grad if t.grad is not None else torch.zeros_like(t)).contiguous()
+            for t, meta in zip(received.tensors, received.metas)
+            if meta.requires_grad
+        ]
+        if key is not None:  # gradients need none themselves: their metas say so, whatever the grad mode
+            self.send_activation([g.detach() for g in grads], dst, label, key)
+            return
+        for grad in grads:
+            self._isend(grad, dst, label)
+
+    def recv_grads(
+        self,
+        sent: list[Tensor],
+        src: int,
+        label: str = "a gradient",
+        key: Any = None,
+        fill: Callable[[], bool] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward. A keyed
+        receive runs ``fill()`` while it waits (see :meth:`_recv_keyed`)."""
+        outputs = [t for t in sent if t.requires_grad]
+        if key is not None:
+            return outputs, list(self._recv_keyed(src, key, label, fill).value)
+        grads = []
+        for t in outputs:
+            g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            self._recv(g, src, label)
+            grads.append(g)
+        return outputs, grads
+
+    def irecv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> PendingGrads:
+        """Post the receives of :meth:`recv_grads` without waiting; the caller may work until they are ready."""
+        outputs, grads, works = [], [], []
+        for t in sent:
+            if t.requires_grad:
+                g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                try:
+                    works.append(dist.irecv(g, src, group=self.group))
+                except RuntimeError as err:
+                    raise self._error("receive", label, src, err) from err
+                outputs.append(t)
+                grads.append(g)
+        return PendingGrads(self, outputs, grads, works, src, label)
+
+    # plumbing --------------------------------------------------------------------------------------------------
+    def _isend(self, tensor: Tensor, dst: int, label: str) -> None:
+        try:
+            work = dist.isend(tensor, dst, group=self.group)
+        except RuntimeError as err:
+            raise self._error("send", label, dst, err) from err
+        self._pending.append((work, tensor, dst, label))
+
+    def _recv(self, tensor: Tensor, src: int, label: str) -> None:
+        with self._waiting(src, f"receive {label}"):
+            try:
+                dist.recv(tensor, src, group=self.group)
+            except RuntimeError as err:
+                raise self._error("receive", label, src, err) from err
+
+    def wait_sends(self) -> None:
+        """Block until every send posted so far has completed (their buffers may then be freed)."""
+        for work, _, dst, label in self._pending:
+            with self._waiting(dst, f"send {label}"):
+                try:
+                    work.wait()
+                except RuntimeError as err:
+                    raise self._error("send", label, dst, err) from err
+        self._pending.clear()
+
+    def _waiting(self, peer: int, what: str) -> contextlib.AbstractContextManager:
+        return self.watch.waiting(peer, what) if self.watch is not None else contextlib.nullcontext()
+
+    def _error(self, direction: str, label: str, peer: int, err: BaseException) -> PipelineError:
+        me = self.describe(dist.get_rank()) if dist.is_initialized() else "this rank"
+        where = "from" if direction == "receive" else "to"
+        cause = self.watch.failure() if self.watch is not None else None
+        if cause:
+            reason = f"{cause[0].upper()}{cause[1:]}."
+        elif "timed out" in str(err).lower():
+            reason = (
+                "That rank is stuck or much slower than this one; if its step legitimately takes this long, raise"
+                " ModelParallel(timeout=...)."
+            )
+        else:
+            reason = "That rank failed or was stopped: its own output says why."
+        detail = str(err).strip().rstrip(".")
+        return PipelineError(f"{me} could not {direction} {label} {where} {self.describe(peer)}: {detail}. {reason}")

@@ -1,0 +1,87 @@
+"""Per-stage utilization metrics and balance advice while training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_mp.observe.monitor import StageMonitor
+from lightning_mp.observe.stats import StepStats
+from tests.conftest import assert_matches_reference, load_result, run_harness
+
+
+def test_metrics_per_stage_and_bubble() -> None:
+    monitor = StageMonitor([2, 2], warmup=0)
+    metrics = monitor.update([StepStats(busy=1.0, wait=0.5, wall=2.0), StepStats(busy=2.0, wait=0.0, wall=2.0)])
+    assert metrics["pipeline/stage0_utilization"] == pytest.approx(0.5)
+    assert metrics["pipeline/stage1_busy_s"] == pytest.approx(2.0)
+    assert metrics["pipeline/bubble"] == pytest.approx(0.25)
+    assert monitor.imbalance == pytest.approx(2.0 / 1.5)
+
+
+def test_advice_uses_layer_timings_and_keeps_the_head_on_the_last_stage() -> None:
+    monitor = StageMonitor([2, 4], warmup=0)
+    # every layer: 0.1 s forward (0.3 s with backward); the last stage also runs a 0.6 s head
+    for _ in range(3):
+        monitor.update(
+            [
+                StepStats(busy=0.6, wall=2.0, layer_forward=[0.1] * 2),
+                StepStats(busy=1.8, wall=2.0, layer_forward=[0.1] * 4),
+            ]
+        )
+    assert monitor.suggestion() == [4, 2]
+
+
+def test_no_advice_when_balanced() -> None:
+    monitor = StageMonitor([3, 3], warmup=0)
+    monitor.update([StepStats(busy=1.0, wall=1.1), StepStats(busy=1.05, wall=1.1)])
+    assert monitor.suggestion() is None
+
+
+@pytest.mark.distributed
+def test_imbalanced_split_is_reported_with_a_ready_override(tmp_path: Path) -> None:
+    job = {
+        "name": "skewed",
+        "model": "gpt",
+        "model_kwargs": {"layers": 6, "batch_size": 6, "n": 120, "d": 128},
+        "devices": 2,
+        "strategy": {"balance": [1, 5], "microbatches": 2},
+        "max_steps": 16,
+    }
+    proc = run_harness([job], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "the pipeline stages are imbalanced" in proc.stderr
+    assert "strategy.balance=[" in proc.stderr
+    for rank in range(2):
+        metrics = load_result(tmp_path, "skewed", rank)["final_metrics"]
+        assert {"pipeline/bubble", "pipeline/stage0_utilization", "pipeline/stage1_busy_s"} <= set(metrics)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("every", [3, "epoch"])
+def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path, every: int | str) -> None:
+    # SGD with momentum: the momentum buffers must move with the layers. (Adam would turn the noise-level
+    # gradients of MultiheadAttention's key bias into lr-sized updates, in one process and pipelined alike.)
+    # "epoch": 6 steps per epoch, so the move happens before step 7.
+    kw = {"layers": 6, "batch_size": 6, "n": 120 if every == 3 else 36, "d": 128, "lr": 0.05}
+    jobs = [
+        {"name": "ref", "model": "gpt", "model_kwargs": kw, "max_steps": 12},
+        {
+            "name": "moving",
+            "model": "gpt",
+            "model_kwargs": kw,
+            "devices": 2,
+            "max_steps": 12,
+            "strategy": {"balance": [1, 5], "microbatches": 2, "rebalance": True, "rebalance_every": every},
+        },
+    ]
+    proc = run_harness(jobs, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "rebalanced the pipeline from balance=[1, 5] to balance=" in proc.stdout + proc.stderr
+    ref = load_result(tmp_path, "ref", 0)
+    stages = [load_result(tmp_path, "moving", r) for r in range(2)]
+    for got in stages:
+        assert_matches_reference(ref, got)
+    assert set(stages[0]["params"]) | set(stages[1]["params"]) == set(ref["params"])
+    assert len(stages[0]["params"]) > 2 * 12  # stage 0 now holds more than one block (12 tensors each)

@@ -1,0 +1,95 @@
+"""What a schedule does, seen and measured: the timeline of a step, the bubble beside its ideal, the activation
+memory each schedule holds, and activation checkpointing (which must not change the numbers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_mp.observe.stats import StepStats
+from lightning_mp.observe.timeline import bubble_report, chrome_trace, ideal_bubble
+from tests.conftest import assert_matches_reference, load_result, run_jobs_or_fail
+
+KW = {"batch_size": 8, "n": 32, "lengths": [8], "d": 64}
+
+
+def test_ideal_bubble() -> None:
+    assert ideal_bubble("1f1b", 2, 8) == pytest.approx(1 / 9)
+    assert ideal_bubble("gpipe", 4, 4) == pytest.approx(3 / 7)
+    assert ideal_bubble("none", 2, 8) == pytest.approx(1 / 2)
+
+
+def test_chrome_trace_has_a_lane_per_stage() -> None:
+    stages = [
+        StepStats(busy=1.0, wall=2.0, spans=[("F", 0, 0.0, 0.5), ("B", 0, 1.0, 1.5)]),
+        StepStats(busy=2.0, wall=2.0),
+    ]
+    trace = chrome_trace([stages])
+    names = [e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"]
+    assert names == ["stage 0", "stage 1"]
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [(e["name"], e["tid"], e["dur"]) for e in spans] == [("F0", 0, 5e5), ("B0", 0, 5e5)]
+    assert bubble_report([stages], "1f1b", 4)["bubble"] == pytest.approx(0.25)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    jobs = [{"name": "ref", "model": "gpt", "model_kwargs": KW}]
+    for schedule in ("gpipe", "1f1b"):
+        strategy = {"pipeline_parallel_size": 2, "microbatches": 8, "schedule": schedule, "balance": "uniform"}
+        jobs.append({"name": schedule, "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": strategy})
+    for mode in ("always", "except_last"):
+        strategy = {"pipeline_parallel_size": 2, "microbatches": 8, "activation_checkpointing": mode}
+        jobs.append({"name": f"ckpt-{mode}", "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": strategy})
+    every2 = {"pipeline_parallel_size": 2, "microbatches": 8, "activation_checkpointing": "always"}
+    every2["checkpoint_every_n_layers"] = 2  # stage 0 runs blocks 0 and 1: block 0 recomputed, block 1 kept
+    jobs.append({"name": "ckpt-every2", "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": every2})
+    jobs[2]["timeline"] = True
+    return run_jobs_or_fail(tmp_path_factory, "timeline", jobs)
+
+
+@pytest.mark.distributed
+def test_timeline_files_show_every_stage(runs: Path) -> None:
+    trace = json.loads((runs / "1f1b" / "timeline.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for stage in (0, 1):
+        names = {e["name"] for e in spans if e["tid"] == stage}
+        assert {f"F{i}" for i in range(8)} | {f"B{i}" for i in range(8)} <= names
+    assert any(e["cat"] == "recv" and e["tid"] == 1 for e in spans)
+    assert (runs / "1f1b" / "timeline.png").stat().st_size > 1000
+
+
+@pytest.mark.distributed
+def test_1f1b_holds_at_most_p_of_m_micro_batches_of_activations(runs: Path) -> None:
+    for stage in (0, 1):
+        key = f"pipeline/stage{stage}_peak_activation_mb"
+        gpipe = load_result(runs, "gpipe", stage)["final_metrics"][key]
+        one_f_one_b = load_result(runs, "1f1b", stage)["final_metrics"][key]
+        in_flight = 2 - stage  # 1F1B: p - stage micro-batches; GPipe: all 8
+        assert one_f_one_b <= gpipe * in_flight / 8 * 1.1, (stage, one_f_one_b, gpipe)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["always", "except_last"])
+def test_activation_checkpointing_keeps_the_numbers_and_saves_memory(runs: Path, mode: str) -> None:
+    ref = load_result(runs, "ref", 0)
+    for rank in range(2):
+        got = load_result(runs, f"ckpt-{mode}", rank)
+        assert_matches_reference(ref, got)
+    saved = load_result(runs, "ckpt-always", 0)["final_metrics"]["pipeline/stage0_peak_activation_mb"]
+    kept = load_result(runs, "1f1b", 0)["final_metrics"]["pipeline/stage0_peak_activation_mb"]
+    assert saved < kept / 2
+
+
+@pytest.mark.distributed
+def test_checkpointing_every_other_layer_keeps_the_numbers_and_half_the_layers(runs: Path) -> None:
+    ref = load_result(runs, "ref", 0)
+    for rank in range(2):
+        assert_matches_reference(ref, load_result(runs, "ckpt-every2", rank))
+    peak = {
+        name: load_result(runs, name, 0)["final_metrics"]["pipeline/stage0_peak_activation_mb"]
+        for name in ("1f1b", "ckpt-every2", "ckpt-always")
+    }
+    assert peak["ckpt-always"] < peak["ckpt-every2"] < peak["1f1b"]

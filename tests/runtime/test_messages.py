@@ -1,0 +1,47 @@
+"""The structure of stage messages survives flattening (tensors, None, tuples, dicts, dataclasses, namedtuples)."""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict, namedtuple
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lightning_mp.runtime.messages import FRAME_BYTES, decode_frames, encode_frames, flatten, frame_overflow, unflatten
+
+Out = namedtuple("Out", "hidden extra")
+
+
+@dataclass
+class BlockOutput:
+    hidden: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def test_roundtrip_keeps_structure_and_order() -> None:
+    a, b, c = torch.ones(2), torch.zeros(3), torch.arange(4)
+    value = (a, None, {"k": [b, 3]}, Out(c, "x"), BlockOutput(a), OrderedDict(z=b))
+    tensors, spec = flatten(value)
+    assert [t.shape for t in tensors] == [a.shape, b.shape, c.shape, a.shape, b.shape]
+    rebuilt = unflatten(pickle.loads(pickle.dumps(spec)), tensors)
+    assert rebuilt[1] is None and rebuilt[2]["k"][1] == 3
+    assert isinstance(rebuilt[3], Out) and rebuilt[3].extra == "x"
+    assert isinstance(rebuilt[4], BlockOutput) and rebuilt[4].bias is None
+    assert isinstance(rebuilt[5], OrderedDict)
+
+
+def test_single_tensor() -> None:
+    t = torch.randn(2, 2)
+    tensors, spec = flatten(t)
+    assert unflatten(spec, tensors) is t
+
+
+@pytest.mark.parametrize("size", [0, 100, FRAME_BYTES - 8, FRAME_BYTES, 3 * FRAME_BYTES + 5])
+def test_frames_carry_any_payload_size(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frames = encode_frames(payload, torch.device("cpu"))
+    assert frames[0].numel() == FRAME_BYTES
+    assert frame_overflow(frames[0]) == (frames[1].numel() if len(frames) > 1 else 0)
+    assert decode_frames(frames[0], frames[1] if len(frames) > 1 else None) == payload
