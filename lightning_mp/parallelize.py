@@ -23,7 +23,7 @@ from lightning_mp.checkpoint.distributed import Shards
 from lightning_mp.observe.step_logs import LogRecords, capture_logs
 from lightning_mp.options import StrategyOptions, resolve_microbatches
 from lightning_mp.pipeline.grads import GradientSync, GradStash
-from lightning_mp.pipeline.measure import first_batch, setup_measurement
+from lightning_mp.pipeline.measure import first_batch, probe_model
 from lightning_mp.pipeline.microbatch import split_batch
 from lightning_mp.pipeline.runner import PipelineRunner
 from lightning_mp.pipeline.stage import StageRuntime
@@ -138,16 +138,17 @@ class ModelPlan:
 
 def plan_model(
     module: nn.Module, options: StrategyOptions, layout: ParallelLayout, microbatches: int, measure: Measure | None,
-    mixed_precision: bool = False,
+    mixed_precision: bool = False, call_order: list[str] | None = None,
 ) -> ModelPlan:  # fmt: skip
     """The one planning function (``ModelParallel.setup`` and :func:`~lightning_mp.dry_run` both call it): the
     schedule, the stage plan and, with tp > 1, the tensor-parallel plan. Without measured costs, a "time" or
-    "memory" balance falls back to "params"."""
+    "memory" balance falls back to "params". ``call_order``: the submodules in the order one observed step first
+    called them, which places the modules outside the layers where they run."""
     balance = options.balance
     if measure is None and balance in ("time", "memory"):
         balance = "params"
     schedule, v, measure, estimates = _resolve_schedule(module, options, layout, microbatches, measure, mixed_precision)
-    plan = _plan_stages(module, options, balance, layout, schedule, v, microbatches, measure)
+    plan = _plan_stages(module, options, balance, layout, schedule, v, microbatches, measure, call_order)
     result = ModelPlan(plan, schedule, v, estimates=estimates)
     if layout.tp > 1:  # planned on the whole model, applied to each rank's stage once it holds memory
         result.tp_plan = plan_tensor_parallel(
@@ -164,8 +165,8 @@ def prepare(
     make this rank's part of the model."""
     m = _microbatches(options, ctx.layout)
     wanted = options.schedule == "auto" or options.max_memory is not None
-    measure = setup_measurement(trainer, module, options.balance, wanted, m, ctx.device, ctx.rank, to_device)
-    planned = plan_model(module, options, ctx.layout, m, measure, mixed_precision)
+    probe = probe_model(trainer, module, options.balance, wanted, m, ctx.device, ctx.rank, to_device)
+    planned = plan_model(module, options, ctx.layout, m, probe.measure, mixed_precision, probe.call_order)
     if planned.tp_plan is not None and options.tensor_parallel_check != "off":  # before the plan is printed
         step, no_step = _check_step(trainer, module, m, to_device)
         mode = options.tensor_parallel_check
@@ -246,13 +247,13 @@ def _resolve_schedule(
 
 def _plan_stages(
     module: nn.Module, options: StrategyOptions, balance: Any, layout: ParallelLayout, schedule: str, v: int,
-    microbatches: int, measure: Measure | None,
+    microbatches: int, measure: Measure | None, call_order: list[str] | None = None,
 ) -> StagePlan:  # fmt: skip
     """The stage plan: ``pp × v`` stages, placed on pipeline ranks by the schedule when ``v`` > 1."""
     try:
         plan = build_plan(
             module, layout.pp * v, balance, options.layers, measure, "1f1b" if v > 1 else schedule,
-            microbatches, options.max_memory,
+            microbatches, options.max_memory, call_order,
         )  # fmt: skip
     except ModelSplitError as err:
         if v == 1:

@@ -50,6 +50,8 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         strategy: Any = "auto"
     elif strategy_kwargs == "registered":
         strategy = "model_parallel"
+    elif isinstance(strategy_kwargs, str):  # a Lightning strategy by name, e.g. "ddp" (a reference for dp > 1)
+        strategy = strategy_kwargs
     else:
         strategy = lightning_mp.ModelParallel(**strategy_kwargs)
     recorder = Recorder()

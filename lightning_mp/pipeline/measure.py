@@ -4,6 +4,7 @@ real micro-batch of it (see ``plan.profiling``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from lightning_mp.observe.step_logs import LogRecords, capture_logs
 from lightning_mp.pipeline.losses import step_loss
 from lightning_mp.pipeline.microbatch import split_batch
 from lightning_mp.plan.discovery import ModelLayers
-from lightning_mp.plan.profiling import LayerCosts, preserved_random_state, profile_layers
+from lightning_mp.plan.profiling import LayerCosts, observe_call_order, preserved_random_state, profile_layers
 from lightning_mp.runtime.messages import broadcast_object
 from lightning_mp.runtime.tree import tree_map
 
@@ -26,22 +27,35 @@ def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, ba
     """
 
     def measure(found: ModelLayers) -> LayerCosts:
-        microbatch = split_batch(batch, microbatches)[0][0]
-        if any(p.is_meta for p in module.parameters()):  # planned without memory: the batch goes to meta too
-            microbatch = tree_map(lambda t: t.to("meta"), microbatch)
-        records = LogRecords()
+        run_step = _step_on_first_microbatch(module, hook, batch, microbatches)
 
-        def run_step() -> Tensor | None:
-            with capture_logs(module, records, 1.0):
-                output = getattr(module, hook)(microbatch, 0)
-            loss = step_loss(output, hook)
+        def run() -> Tensor | None:
+            loss = run_step()
             return loss if backward else None
 
-        context = torch.enable_grad() if backward else torch.no_grad()
-        with context:
-            return profile_layers(module, found, run_step)
+        with torch.enable_grad() if backward else torch.no_grad():
+            return profile_layers(module, found, run)
 
     return measure
+
+
+def step_call_order(module: Any, hook: str, batch: Any, microbatches: int) -> list[str]:
+    """The order in which the user's ``hook`` first calls the model's submodules, on one micro-batch of ``batch``."""
+    return observe_call_order(module, _step_on_first_microbatch(module, hook, batch, microbatches))
+
+
+def _step_on_first_microbatch(module: Any, hook: str, batch: Any, microbatches: int) -> Callable[[], Tensor | None]:
+    """Runs the user's ``hook`` on the first micro-batch of ``batch`` (``self.log`` swallowed); returns its loss."""
+    microbatch = split_batch(batch, microbatches)[0][0]
+    if any(p.is_meta for p in module.parameters()):  # planned without memory: the batch goes to meta too
+        microbatch = tree_map(lambda t: t.to("meta"), microbatch)
+
+    def run_step() -> Tensor | None:
+        with capture_logs(module, LogRecords(), 1.0):
+            output = getattr(module, hook)(microbatch, 0)
+        return step_loss(output, hook, strict=False)
+
+    return run_step
 
 
 def first_batch(trainer: Any, to_device: Callable[[Any], Any]) -> tuple[Any, str | None]:
@@ -59,27 +73,41 @@ def first_batch(trainer: Any, to_device: Callable[[Any], Any]) -> tuple[Any, str
     return to_device(batch), None
 
 
-def setup_measurement(
+@dataclass
+class SetupProbe:
+    """What set-up learns from one micro-batch of the data, on global rank 0, for every rank: how to measure the
+    layers' costs (when the plan needs them), and the order the step calls the model's modules in."""
+
+    measure: Callable[[ModelLayers], LayerCosts] | None = None
+    call_order: list[str] | None = None
+
+
+def probe_model(
     trainer: Any, module: Any, balance: Any, wanted: bool, microbatches: int, device: torch.device, rank: int,
     to_device: Callable[[Any], Any],
-) -> Callable[[ModelLayers], LayerCosts] | None:  # fmt: skip
-    """How to measure the model's costs when ``balance`` ("time", "memory") or ``wanted`` (max_memory,
-    schedule="auto") needs them: global rank 0 runs the user's step on one micro-batch of the data the trainer is
-    about to use, and every rank receives the same costs. None when not needed, or without a batch (no dataloader
-    yet, an empty one): a warning then says why, and the planner falls back to balance="params".
+) -> SetupProbe:  # fmt: skip
+    """Take the first batch of the data the trainer is about to use (global rank 0) and observe the step on it.
+
+    Costs are measured when ``balance`` ("time", "memory") or ``wanted`` (max_memory, schedule="auto") needs them;
+    every rank receives the same results. Without a batch (no dataloader yet, an empty one), modules are placed by
+    registration order and, when costs were needed, a warning says why ("time"/"memory" then plan as "params").
     """
-    if balance not in ("time", "memory") and not wanted:
-        return None
     batch, problem = first_batch(trainer, to_device) if rank == 0 else (None, None)
     problem = broadcast_object(problem, 0, None, device)
+    needs_costs = balance in ("time", "memory") or wanted
     if problem is not None:
-        rank_zero_warn(
-            f"lightning-mp: balance={balance!r} measures the model on one batch of its data at set-up and could"
-            f" not get one ({problem}); using balance='params' instead, and max_memory is not checked."
-        )
-        return None
+        if needs_costs:
+            rank_zero_warn(
+                f"lightning-mp: balance={balance!r} measures the model on one batch of its data at set-up and could"
+                f" not get one ({problem}); using balance='params' instead, and max_memory is not checked."
+            )
+        return SetupProbe()
     fitting = _fn(trainer) == "fit"
     hook = _HOOKS[_fn(trainer)]
+    order = step_call_order(module, hook, batch, microbatches) if rank == 0 else None
+    probe = SetupProbe(call_order=broadcast_object(order, 0, None, device))
+    if not needs_costs:
+        return probe
 
     def measure(found: ModelLayers) -> LayerCosts:
         costs = None
@@ -89,7 +117,8 @@ def setup_measurement(
             costs = measure_step_costs(module, hook, batch, microbatches, backward=fitting)(found).as_dict()
         return LayerCosts(**broadcast_object(costs, 0, None, device))
 
-    return measure
+    probe.measure = measure
+    return probe
 
 
 _HOOKS = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}

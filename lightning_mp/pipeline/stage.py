@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,9 +104,10 @@ class StageRuntime:
                     _run_when_active(layers.layer(i), self, i)
             else:
                 original = layers.layer(i)
+                remote = RemoteLayer(i, self, original)
                 if self.movable:
-                    self._skeletons[i] = copy.deepcopy(original).to("meta")
-                layers.container[i] = RemoteLayer(i, self, original)  # type: ignore[index]
+                    self._skeletons[i] = remote.skeleton
+                layers.container[i] = remote  # type: ignore[index]
         for name in layers.pre + layers.post:
             try:
                 module = root.get_submodule(name) if name else root
@@ -309,30 +311,33 @@ class StageRuntime:
 
 
 class RemoteLayer(nn.Module):
-    """Stand-in for a layer that lives on another stage. Mirrors the original's plain attributes (``layer_idx``,
-    ``attention_type``...) so that model code reading them keeps working."""
+    """Stand-in for a layer that lives on another stage. It keeps the original's structure readable: a skeleton of
+    it on the meta device (no memory, not registered, so no parameter or state entry) answers every attribute the
+    stand-in lacks, so model code that inspects a layer (``self.layers[0].self_attn.batch_first``, ``layer_idx``,
+    ``attention_type``) keeps working."""
 
     is_stand_in = True  # what the planner checks to refuse a model already split
 
     def __init__(self, index: int, runtime: StageRuntime, original: nn.Module) -> None:
         super().__init__()
         self.index = index
-        self._runtime = [runtime]  # a list, so nn.Module does not register the runtime's modules
-        self._mirrored = {
-            k: v
-            for k, v in vars(original).items()
-            if not k.startswith("_") and not isinstance(v, (nn.Module, Tensor)) and k != "training"
-        }
+        self._runtime = [runtime]  # lists, so nn.Module registers neither the runtime's modules nor the skeleton
+        self._skeleton = [meta_skeleton(original)]
         self.original_class = type(original).__name__
+
+    @property
+    def skeleton(self) -> nn.Module:
+        """The original layer's structure, parameters and buffers on the meta device."""
+        return self._skeleton[0]
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            mirrored = self.__dict__.get("_mirrored", {})
-            if name in mirrored:
-                return mirrored[name]
-            raise
+            skeleton = self.__dict__.get("_skeleton")
+            if skeleton is None:
+                raise
+            return getattr(skeleton[0], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._runtime[0].remote_output(self.index)
@@ -391,6 +396,16 @@ class Unreachable(nn.Module):
             f"module '{self.name}' is registered after the layers, so lightning-mp placed it on the last stage, but"
             f" stage {self.stage} ran it before its layers. Register it before the layer container in __init__."
         )
+
+
+def meta_skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the meta device: its structure and plain
+    attributes, without copying (or holding) any data."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 def _carries_grad(value: Any) -> bool:

@@ -37,6 +37,7 @@ def build_plan(
     schedule: str = "1f1b",
     microbatches: int = 1,
     max_memory: float | None = None,
+    call_order: list[str] | None = None,
 ) -> StagePlan:
     """Find the layers of ``root`` and assign them to ``num_stages`` stages.
 
@@ -52,6 +53,8 @@ def build_plan(
         schedule, microbatches: the pipeline the plan is for (activations in flight, bubble).
         max_memory: bytes a stage may use (needs ``measure``): "time" then minimizes time among the splits that fit,
             and any plan predicted above it is refused with the number of stages that would fit.
+        call_order: submodule names in the order one observed forward first called them: the modules outside the
+            layers are placed where they ran (see ``discover_layers``).
 
     Raises:
         ModelSplitError: the model cannot be split this way; the message names the setting that fixes it.
@@ -61,7 +64,7 @@ def build_plan(
             f"this {type(root).__name__} was already split into pipeline stages by another Trainer: run fit, validate"
             " and test with the same Trainer, or build a fresh model (or load the saved checkpoint into one)."
         )
-    found = discover_layers(root, layers)
+    found = discover_layers(root, layers, call_order)
     model = None
     if measure is not None:
         layer_bytes = [_param_bytes(found.layer(i).parameters()) for i in range(found.num_layers)]

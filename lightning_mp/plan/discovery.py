@@ -14,8 +14,9 @@ from lightning_mp.runtime.errors import ModelSplitError
 class ModelLayers:
     """The layer container of a model and where every parameterized module outside it runs.
 
-    ``pre`` modules are registered before the container and run on the first stage; ``post`` modules are
-    registered after it and run on the last stage. Names are relative to the root module given to
+    ``pre`` modules run before the layers, on the first stage; ``post`` modules run after them, on the last stage.
+    Where the model's forward was observed (see :func:`discover_layers`), that is where they ran; otherwise where
+    they are registered, before or after the container. Names are relative to the root module given to
     :func:`discover_layers`.
     """
 
@@ -33,8 +34,10 @@ class ModelLayers:
         return self.container[index]  # type: ignore[index]
 
 
-def discover_layers(root: nn.Module, layers: str | None = None) -> ModelLayers:
-    """Find the container of blocks to split (or take the one named by ``layers``) and classify the rest.
+def discover_layers(root: nn.Module, layers: str | None = None, call_order: list[str] | None = None) -> ModelLayers:
+    """Find the container of blocks to split (or take the one named by ``layers``) and classify the rest: by
+    ``call_order`` (submodule names in the order one forward first called them) where it names a module, else by
+    registration order.
 
     Automatic discovery picks, among the ``nn.ModuleList`` and ``nn.Sequential`` containers with at least two
     children, the one whose children hold the most parameters; a ``ModuleList`` must hold blocks of one class.
@@ -53,7 +56,7 @@ def discover_layers(root: nn.Module, layers: str | None = None) -> ModelLayers:
     else:
         name, container = _largest_container(root)
     layer_names = [f"{name}.{i}" if name else str(i) for i in range(len(container))]
-    pre, post = _classify_outside(root, name)
+    pre, post = _classify_outside(root, name, call_order)
     return ModelLayers(name, container, layer_names, pre, post)
 
 
@@ -94,10 +97,16 @@ def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
         ) from err
 
 
-def _classify_outside(root: nn.Module, container_name: str) -> tuple[list[str], list[str]]:
-    """Split the parameterized modules outside the container into those registered before and after it."""
+def _classify_outside(
+    root: nn.Module, container_name: str, call_order: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Split the parameterized modules outside the container into those that run before and after it: as observed
+    in ``call_order`` (a module first called after the container's first layer runs after the layers), else as
+    registered."""
     pre: list[str] = []
     post: list[str] = []
+    position = {name: i for i, name in enumerate(call_order or [])}
+    first_layer = position.get(f"{container_name}.0" if container_name else "0")
     seen_container = False
     prefix = container_name + "."
     for name, module in root.named_modules(remove_duplicate=False):
@@ -109,5 +118,18 @@ def _classify_outside(root: nn.Module, container_name: str) -> tuple[list[str], 
         if not container_name and name:
             continue  # the root itself is the container: nothing outside it but the root's own parameters
         if any(True for _ in module.parameters(recurse=False)):
-            (post if seen_container else pre).append(name)
+            ran = _first_call(name, position)
+            after = ran > first_layer if ran is not None and first_layer is not None else seen_container
+            (post if after else pre).append(name)
     return pre, post
+
+
+def _first_call(name: str, position: dict[str, int]) -> int | None:
+    """When the module ``name`` (or, for a parameter holder that is never called itself, its nearest called
+    parent) first ran, as a position in the observed call order."""
+    while True:
+        if name in position:
+            return position[name]
+        if not name:
+            return None
+        name = name.rpartition(".")[0]

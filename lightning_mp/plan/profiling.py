@@ -244,3 +244,28 @@ def _one_run(layers: ModelLayers, run_step: Callable[[], Tensor | None], rec: _R
         pre += max(0.0, end - first_in) if first_in is not None else 0.0
         post += max(0.0, rec.out_grad[n - 1] - forward_end)
     return times, pre, post, rec.saved, rec.output_bytes
+
+
+def observe_call_order(module: nn.Module, run_step: Callable[[], Any]) -> list[str]:
+    """The names of ``module``'s submodules in the order the step first calls them (one forward, no gradients):
+    where the modules outside the layer container really run, before or after the layers. Random states, buffers
+    and gradients are left as they were; a meta-device model runs on shapes alone."""
+    names = {id(m): n for n, m in module.named_modules()}
+    order: dict[str, None] = {}
+
+    def seen(called: nn.Module, args: Any) -> None:
+        name = names.get(id(called))
+        if name is not None and name not in order:
+            order[name] = None
+
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    grads = {p: p.grad for p in module.parameters()}
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    on_meta = any(p.is_meta for p in module.parameters())
+    try:
+        scalars = _MetaScalars() if on_meta else contextlib.nullcontext()
+        with preserved_random_state(), _restored(module, buffers, grads), torch.no_grad(), scalars:
+            run_step()
+    finally:
+        handle.remove()
+    return list(order)

@@ -10,10 +10,12 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
-from torch.distributed.distributed_c10d import _get_default_store
+from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
 
 from lightning_mp.runtime.launcher import hydra_multirun
 from lightning_mp.runtime.watchdog import FailureWatch
+
+START_TIMEOUT = default_pg_timeout  # the longest the ranks may take to all join the process group (30 min)
 
 
 def join_process_group(
@@ -24,7 +26,11 @@ def join_process_group(
     :class:`FailureWatch`; returns (the backend, the watch)."""
     backend = backend or _get_default_process_group_backend_for_device(device)
     timeout = timeout or default_pg_timeout
-    _init_dist_connection(cluster_environment, backend, timeout=timeout)
+    # Start-up (every rank joining the store) is bounded by START_TIMEOUT, not by ``timeout``: a short message
+    # timeout must not fail a job whose ranks take long to start (imports on a loaded machine).
+    _init_dist_connection(cluster_environment, backend, timeout=max(timeout, START_TIMEOUT))
+    if timeout < START_TIMEOUT:
+        _set_pg_timeout(timeout)  # collectives and point-to-point messages of the default group
     # gloo raises at the process-group timeout itself (with the P2P label); the watch is the backstop (NCCL)
     watch = FailureWatch(_get_default_store(), rank, describe, timeout.total_seconds() + 5.0)
     watch.start()

@@ -75,6 +75,9 @@ class _RowwiseLinear(nn.Linear):
 
 
 class _VocabEmbedding(nn.Embedding):
+    """Placed under the embedding's own class in the method order (see :func:`_swap_vocab`): a subclass's forward
+    that adds work around ``super().forward`` (Gemma's scaling) keeps it, and its ``super().forward`` lands here."""
+
     def forward(self, ids: Tensor) -> Tensor:
         start, length = self._lmp_range  # type: ignore[attr-defined]
         outside = (ids < start) | (ids >= start + length)
@@ -137,15 +140,68 @@ def _swap_forward(module: nn.Module, style: str, forward: Any) -> None:
     module.__class__ = _swapped[key]
 
 
+def _swap_vocab(module: nn.Module) -> None:
+    """Make an embedding vocabulary-parallel, keeping what its class's own forward adds."""
+    cls = type(module)
+    key = (cls, "vocab")
+    if key not in _swapped:
+        bases = (_VocabEmbedding,) if cls is nn.Embedding else (cls, _VocabEmbedding)
+        _swapped[key] = type(cls.__name__, bases, {"_lmp_style": "vocab"})
+        _swapped[key].__module__, _swapped[key].__qualname__ = cls.__module__, cls.__qualname__
+    module.__class__ = _swapped[key]
+
+
+def _plain_linear_like(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def lora_parts(module: nn.Module) -> tuple[nn.Module, nn.ModuleDict, nn.ModuleDict] | None:
+    """(base layer, A per adapter, B per adapter) of a LoRA-wrapped linear layer (PEFT's ``lora.Linear``: its
+    output is ``base_layer(x) + lora_B(lora_A(x)) * scaling``), else None."""
+    base = getattr(module, "base_layer", None)
+    a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if base is None or not _plain_linear_like(base) or not isinstance(a, nn.ModuleDict):
+        return None
+    return (base, a, b) if isinstance(b, nn.ModuleDict) else None
+
+
 def weight_dims(module: nn.Module) -> tuple[int, int]:
     """(output-feature dim, input-feature dim) of a linear-like module's weight."""
+    wrapped = lora_parts(module)
+    if wrapped is not None:
+        return weight_dims(wrapped[0])
     conv1d = _conv1d_class()
     return (1, 0) if conv1d is not None and isinstance(module, conv1d) else (0, 1)
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    """An ``nn.Linear``, a Hugging Face ``Conv1D``, or a LoRA wrapper around one (split like its base layer)."""
+    return _plain_linear_like(module) or lora_parts(module) is not None
+
+
+# a LoRA wrapper's style -> the style of its A and B layers: B follows a column-parallel base (its outputs are the
+# base's), A a row-parallel one (its inputs are the base's, its small output summed over the ranks); the other is
+# whole. Beside whole key/value projections, A takes the input like them (its input gradient summed).
+_LORA_STYLES = {"colwise": (None, "colwise"), "rowwise": ("rowwise", None), "replicated_kv": ("replicated_kv", None)}
+
+
+def _shard_lora(
+    module: nn.Module, style: str, tp: TPGroup, parts: tuple[int, ...] | None, already: dict[int, ShardSpec] | None
+) -> dict[str, ShardSpec]:
+    """Split a LoRA-wrapped layer consistently with its base layer; its own forward runs unchanged."""
+    if style not in _LORA_STYLES:
+        raise ValueError(f"a LoRA-wrapped layer cannot be split {style!r}: use colwise, rowwise or replicate")
+    base, lora_a, lora_b = lora_parts(module)  # type: ignore[misc]
+    specs = {f"base_layer.{n}": s for n, s in shard_module(base, style, tp, parts, already).items()}
+    a_style, b_style = _LORA_STYLES[style]
+    for prefix, layers, layer_style in (("lora_A", lora_a, a_style), ("lora_B", lora_b, b_style)):
+        for key, layer in layers.items():
+            if layer_style is not None:
+                found = shard_module(layer, layer_style, tp, parts if layer_style == "colwise" else None, already)
+                specs.update({f"{prefix}.{key}.{n}": s for n, s in found.items()})
+    module._lmp_tp = tp  # type: ignore[assignment]
+    return specs
 
 
 def shard_module(
@@ -169,6 +225,8 @@ def shard_module(
     Raises:
         ValueError: a tied parameter already split along another dim, or an unknown style.
     """
+    if lora_parts(module) is not None:
+        return _shard_lora(module, style, tp, parts, already)
     conv1d = _conv1d_class()
     is_conv1d = conv1d is not None and isinstance(module, conv1d)
     specs: dict[str, ShardSpec] = {}
@@ -190,7 +248,7 @@ def shard_module(
     if style == "vocab":
         split("weight", 0)
         module._lmp_range = (specs["weight"].slices()[0][0], specs["weight"].local_size)  # type: ignore[assignment]
-        _swap_forward(module, style, _VocabEmbedding.forward)
+        _swap_vocab(module)
         return specs
     out_dim, in_dim = weight_dims(module)
     if style in ("colwise", "head"):

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from lightning_mp.runtime.errors import ModelSplitError
-from lightning_mp.tensor.layers import is_linear_like, shard_module, weight_dims
+from lightning_mp.tensor.layers import is_linear_like, lora_parts, shard_module, weight_dims
 from lightning_mp.tensor.shard import ShardSpec, TPGroup, install_sequence_parallel
 
 USER_STYLES = ("colwise", "rowwise", "vocab", "replicate")
@@ -149,13 +149,18 @@ def plan_tensor_parallel(
     hf = _hugging_face_styles(root, modules)
     prefix = container_name + "."
     for name, module in modules.items():
-        if not name.startswith(prefix) or not is_linear_like(module):
+        if not name.startswith(prefix) or not is_linear_like(module) or _wrapped(name, modules):
             continue
         parent = modules[name.rpartition(".")[0]]
         if isinstance(parent, nn.MultiheadAttention):
             plan.replicated[name] = "inside nn.MultiheadAttention, whose forward reads the weights directly"
             continue
-        style = hf.get(name) or _style_by_name(name) or _style_in_sequential(name, modules)
+        style = (
+            hf.get(name)
+            or _style_by_name(name)
+            or _style_in_sequential(name, modules)
+            or _style_by_shape(name, modules)
+        )
         if style in ("colwise", "rowwise"):
             plan.styles[name] = style
     if hf:
@@ -173,7 +178,12 @@ def plan_tensor_parallel(
     _whole_heads(plan, modules)
     _per_rank_attributes(plan, modules)
     for name, module in modules.items():
-        if name.startswith(prefix) and is_linear_like(module) and name not in plan.styles:
+        if (
+            name.startswith(prefix)
+            and is_linear_like(module)
+            and name not in plan.styles
+            and not _wrapped(name, modules)
+        ):
             plan.replicated.setdefault(name, "no column/row role recognised: name it in tensor_parallel_plan")
     if sequence_parallel:
         _check_sequence_parallel(plan, modules, prefix)
@@ -217,6 +227,37 @@ def _style_in_sequential(name: str, modules: dict[str, nn.Module]) -> str | None
     if len(linear) != 2 or linear != [0, len(children) - 1] or not middle_free:
         return None
     return "colwise" if children[0][0] == leaf else "rowwise"
+
+
+def _wrapped(name: str, modules: dict[str, nn.Module]) -> bool:
+    """A layer inside a LoRA wrapper: planned with the wrapper (see ``layers.lora_parts``)."""
+    parts = name.split(".")
+    return any(lora_parts(modules[".".join(parts[:i])]) is not None for i in range(1, len(parts)))
+
+
+def _style_by_shape(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """An MLP recognised by its shapes, whatever its layers are called: among a module's linear children, one maps
+    a hidden width ``h`` back to the model width ``d`` (row-wise) and all others map ``d`` to ``h`` (column-wise)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None:
+        return None
+    shapes = {n: _in_out(m) for n, m in parent.named_children() if is_linear_like(m)}
+    if len(shapes) < 2 or leaf not in shapes:
+        return None
+    ins, outs = {i for i, _ in shapes.values()}, {o for _, o in shapes.values()}
+    if len(ins) != 2 or ins != outs:
+        return None
+    down = [n for n, (i, o) in shapes.items() if i != o and list(shapes.values()).count((i, o)) == 1]
+    ups = [n for n in shapes if n not in down]
+    if len(down) != 1 or any(shapes[n] != shapes[down[0]][::-1] for n in ups):
+        return None
+    return "rowwise" if leaf == down[0] else "colwise"
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    out_dim, in_dim = weight_dims(module)
+    return module.weight.shape[in_dim], module.weight.shape[out_dim]
 
 
 def _hugging_face_styles(root: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -443,7 +484,7 @@ def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup
         except ValueError as err:
             raise ModelSplitError(f"{name}: {err}") from err
         for param_name, spec in specs.items():
-            by_param[id(getattr(module, param_name))] = spec
+            by_param[id(module.get_parameter(param_name))] = spec
     for name, module in modules.items():  # a module that reads a split weight must be split itself
         split = [pn for pn, p in module.named_parameters(recurse=False) if id(p) in by_param]
         if split and not hasattr(module, "_lmp_tp"):

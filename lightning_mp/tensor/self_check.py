@@ -51,6 +51,7 @@ class Target:
     members: list[str]  # run one after the other: one block, or an open block and those up to its row-wise partner
     covers: list[list[str]]  # every run of modules this verdict applies to, ``members`` first
     rule: str  # how the plan splits the members, for messages
+    kind: str = ""  # the members' classes, for messages
 
     @property
     def name(self) -> str:
@@ -150,7 +151,7 @@ def plan_targets(root: nn.Module, plan: TensorParallelPlan) -> list[Target]:
             rule = _rule(TensorParallelPlan(plan.size, styles={
                 f"{m.rpartition('.')[2]}.{n}".rstrip("."): s for m, p in zip(run, subplans) for n, s in p.styles.items()
             }, source=plan.source)) if len(run) > 1 else _rule(subplans[0])  # fmt: skip
-            found[key] = Target(run, [run], rule)
+            found[key] = Target(run, [run], rule, " + ".join(type(modules[m]).__name__ for m in run))
 
     container = modules.get(plan.container) if plan.container else None
     if container is not None:
@@ -384,7 +385,7 @@ def _judge(target: Target, m: _Measured, reduced: Tensor, raised: str | None) ->
                 verdict.partial.append(candidate)
                 excess = 0.0
             i += 1
-        if excess > worst[0]:
+        if excess > worst[0] and worst[0] <= 1.0:  # the first mismatch in order (output, input gradient, ...)
             worst = (excess, label, diff, scale)
         i += 1
     verdict.excess, verdict.worst, verdict.diff, verdict.scale = worst
@@ -410,7 +411,7 @@ def check_target(
         raised = f"{type(err).__name__}: {err}"
     measured = _compare(whole, split, states, outputs, split_outputs, tp)
     reduced = torch.tensor([x for v in measured.values for x in v], dtype=torch.float64)
-    reduced = torch.nan_to_num(reduced, nan=float("inf")).to(device)
+    reduced = torch.nan_to_num(reduced, nan=float("inf"), posinf=float("inf")).to(device)
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     return _judge(target, measured, reduced.cpu(), raised)
 
@@ -507,18 +508,20 @@ def fix_pattern(plan: TensorParallelPlan, target: Target) -> str:
 
 
 def mismatch_message(plan: TensorParallelPlan, v: Verdict) -> str:
-    what = (
-        f"raised {v.raised}"
-        if v.raised
-        else f"computes a different {v.worst} than whole: max |split - whole| = {v.diff:.3g} where the whole values"
-        f" reach {v.scale:.3g} (tolerance {RTOL:g} of that)"
-    )
+    """The refusal: the module, the rule that split it, the size of the difference, and the fix."""
+    if v.raised:
+        what = f"fails when split ({v.raised}) though it runs whole"
+    else:
+        what = (
+            f"computes a different {v.worst} split than whole on a real micro-batch: max |split - whole| ="
+            f" {v.diff:.3g} where the whole values reach {v.scale:.3g} (tolerance {RTOL:g} of that), so training"
+            " would be silently wrong"
+        )
     pattern = fix_pattern(plan, v.target)
     return (
-        f"tensor-parallel self-check: {v.target.name}, split by {v.target.rule}, {what} on a real micro-batch, so"
-        f" training would be silently wrong. Keep it whole with tensor_parallel_plan={{{pattern!r}: 'replicate'}}"
-        " (tensor_parallel_check='fallback' does so automatically), or name its layers' styles in"
-        " tensor_parallel_plan."
+        f"tensor-parallel self-check: {v.target.name} ({v.target.kind}), split by {v.target.rule}, {what}. Keep it"
+        f" whole with tensor_parallel_plan={{{pattern!r}: 'replicate'}} (tensor_parallel_check='fallback' does so"
+        " automatically), or give its layers' styles in tensor_parallel_plan."
     )
 
 
