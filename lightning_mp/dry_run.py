@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_mp.options import StrategyOptions, resolve_microbatches
 from lightning_mp.parallelize import plan_model
-from lightning_mp.pipeline.measure import measure_step_costs, step_call_order
+from lightning_mp.pipeline.measure import measure_step_costs, step_call_order, step_flow
 from lightning_mp.plan.stage_plan import StagePlan
 from lightning_mp.runtime.layout import ParallelLayout
 
@@ -49,11 +49,12 @@ def dry_run(
     world = devices if devices is not None else (pp if isinstance(pp, int) else 1)
     layout = ParallelLayout.resolve(world, opts.data_parallel_size, pp, opts.tensor_parallel_size)
     m = resolve_microbatches(opts.microbatches, layout.pp)
-    measure = order = None
+    measure = order = flow = None
     if batch is not None:
         measure = measure_step_costs(model, hook, batch, m, backward=hook == "training_step")
         order = step_call_order(model, hook, batch, m)
-    planned = plan_model(model, opts, layout, m, measure, call_order=order)
+        flow = lambda found: step_flow(model, hook, batch, m, found)  # noqa: E731
+    planned = plan_model(model, opts, layout, m, measure, call_order=order, observe_flow=flow)
     plan = planned.plan
     placement = plan.stage_ranks or list(range(layout.pp))
     ranks = [

@@ -20,11 +20,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_mp.checkpoint.distributed import Shards
-from lightning_mp.observe.step_logs import LogRecords, capture_logs
 from lightning_mp.options import StrategyOptions, resolve_microbatches
 from lightning_mp.pipeline.grads import GradientSync, GradStash
-from lightning_mp.pipeline.measure import first_batch, probe_model
-from lightning_mp.pipeline.microbatch import split_batch
+from lightning_mp.pipeline.measure import first_batch, probe_model, step_hook, step_on_first_microbatch
 from lightning_mp.pipeline.runner import PipelineRunner
 from lightning_mp.pipeline.stage import StageRuntime
 from lightning_mp.plan.build import build_plan, choose_schedule, choose_schedule_by_cost
@@ -138,17 +136,18 @@ class ModelPlan:
 
 def plan_model(
     module: nn.Module, options: StrategyOptions, layout: ParallelLayout, microbatches: int, measure: Measure | None,
-    mixed_precision: bool = False, call_order: list[str] | None = None,
+    mixed_precision: bool = False, call_order: list[str] | None = None, observe_flow: Any = None,
 ) -> ModelPlan:  # fmt: skip
     """The one planning function (``ModelParallel.setup`` and :func:`~lightning_mp.dry_run` both call it): the
     schedule, the stage plan and, with tp > 1, the tensor-parallel plan. Without measured costs, a "time" or
     "memory" balance falls back to "params". ``call_order``: the submodules in the order one observed step first
-    called them, which places the modules outside the layers where they run."""
+    called them, which places the modules outside the layers where they run; ``observe_flow``: what each layer is
+    called with, which finds the tensors that cross stage boundaries beside the activation."""
     balance = options.balance
     if measure is None and balance in ("time", "memory"):
         balance = "params"
     schedule, v, measure, estimates = _resolve_schedule(module, options, layout, microbatches, measure, mixed_precision)
-    plan = _plan_stages(module, options, balance, layout, schedule, v, microbatches, measure, call_order)
+    plan = _plan_stages(module, options, balance, layout, schedule, v, microbatches, measure, call_order, observe_flow)
     result = ModelPlan(plan, schedule, v, estimates=estimates)
     if layout.tp > 1:  # planned on the whole model, applied to each rank's stage once it holds memory
         result.tp_plan = plan_tensor_parallel(
@@ -166,7 +165,9 @@ def prepare(
     m = _microbatches(options, ctx.layout)
     wanted = options.schedule == "auto" or options.max_memory is not None
     probe = probe_model(trainer, module, options.balance, wanted, m, ctx.device, ctx.rank, to_device)
-    planned = plan_model(module, options, ctx.layout, m, probe.measure, mixed_precision, probe.call_order)
+    planned = plan_model(
+        module, options, ctx.layout, m, probe.measure, mixed_precision, probe.call_order, probe.observe_flow
+    )
     if planned.tp_plan is not None and options.tensor_parallel_check != "off":  # before the plan is printed
         step, no_step = _check_step(trainer, module, m, to_device)
         mode = options.tensor_parallel_check
@@ -178,20 +179,12 @@ def prepare(
 def _check_step(
     trainer: Any, module: nn.Module, microbatches: int, to_device: Callable[[Any], Any]
 ) -> tuple[Callable[[], Any] | None, str | None]:
-    """The user's step on the first micro-batch of the trainer's data, for the tensor-parallel self-check (None
-    and why when there is no batch)."""
+    """The user's step on the first micro-batch of the trainer's data, on this rank, for the tensor-parallel
+    self-check (None and why when there is no batch)."""
     batch, problem = first_batch(trainer, to_device)
     if batch is None:
         return None, f"no batch of data at set-up: {problem}"
-    microbatch = split_batch(batch, microbatches)[0][0]
-    hook = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
-    step = getattr(module, hook.get(str(trainer.state.fn.value), "training_step"))
-
-    def run() -> Any:
-        with capture_logs(module, LogRecords(), 1.0):
-            return step(microbatch, 0)
-
-    return run, None
+    return step_on_first_microbatch(module, step_hook(trainer), batch, microbatches), None
 
 
 def _tp_group(ctx: RankContext) -> TPGroup:
@@ -247,13 +240,13 @@ def _resolve_schedule(
 
 def _plan_stages(
     module: nn.Module, options: StrategyOptions, balance: Any, layout: ParallelLayout, schedule: str, v: int,
-    microbatches: int, measure: Measure | None, call_order: list[str] | None = None,
+    microbatches: int, measure: Measure | None, call_order: list[str] | None = None, observe_flow: Any = None,
 ) -> StagePlan:  # fmt: skip
     """The stage plan: ``pp × v`` stages, placed on pipeline ranks by the schedule when ``v`` > 1."""
     try:
         plan = build_plan(
             module, layout.pp * v, balance, options.layers, measure, "1f1b" if v > 1 else schedule,
-            microbatches, options.max_memory, call_order,
+            microbatches, options.max_memory, call_order, observe_flow,
         )  # fmt: skip
     except ModelSplitError as err:
         if v == 1:

@@ -15,6 +15,7 @@ from lightning_mp.observe.step_logs import LogRecords, capture_logs
 from lightning_mp.pipeline.losses import step_loss
 from lightning_mp.pipeline.microbatch import split_batch
 from lightning_mp.plan.discovery import ModelLayers
+from lightning_mp.plan.flow import LayerFlow, observe_layer_inputs
 from lightning_mp.plan.profiling import LayerCosts, observe_call_order, preserved_random_state, profile_layers
 from lightning_mp.runtime.messages import broadcast_object
 from lightning_mp.runtime.tree import tree_map
@@ -27,7 +28,7 @@ def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, ba
     """
 
     def measure(found: ModelLayers) -> LayerCosts:
-        run_step = _step_on_first_microbatch(module, hook, batch, microbatches)
+        run_step = step_on_first_microbatch(module, hook, batch, microbatches)
 
         def run() -> Tensor | None:
             loss = run_step()
@@ -41,10 +42,15 @@ def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, ba
 
 def step_call_order(module: Any, hook: str, batch: Any, microbatches: int) -> list[str]:
     """The order in which the user's ``hook`` first calls the model's submodules, on one micro-batch of ``batch``."""
-    return observe_call_order(module, _step_on_first_microbatch(module, hook, batch, microbatches))
+    return observe_call_order(module, step_on_first_microbatch(module, hook, batch, microbatches))
 
 
-def _step_on_first_microbatch(module: Any, hook: str, batch: Any, microbatches: int) -> Callable[[], Tensor | None]:
+def step_flow(module: Any, hook: str, batch: Any, microbatches: int, found: ModelLayers) -> LayerFlow:
+    """What each layer of ``found`` is called with when the user's ``hook`` runs one micro-batch of ``batch``."""
+    return observe_layer_inputs(module, found, step_on_first_microbatch(module, hook, batch, microbatches))
+
+
+def step_on_first_microbatch(module: Any, hook: str, batch: Any, microbatches: int) -> Callable[[], Tensor | None]:
     """Runs the user's ``hook`` on the first micro-batch of ``batch`` (``self.log`` swallowed); returns its loss."""
     microbatch = split_batch(batch, microbatches)[0][0]
     if any(p.is_meta for p in module.parameters()):  # planned without memory: the batch goes to meta too
@@ -80,6 +86,7 @@ class SetupProbe:
 
     measure: Callable[[ModelLayers], LayerCosts] | None = None
     call_order: list[str] | None = None
+    observe_flow: Callable[[ModelLayers], LayerFlow] | None = None
 
 
 def probe_model(
@@ -103,9 +110,15 @@ def probe_model(
             )
         return SetupProbe()
     fitting = _fn(trainer) == "fit"
-    hook = _HOOKS[_fn(trainer)]
+    hook = step_hook(trainer)
     order = step_call_order(module, hook, batch, microbatches) if rank == 0 else None
     probe = SetupProbe(call_order=broadcast_object(order, 0, None, device))
+
+    def observe_flow(found: ModelLayers) -> LayerFlow:
+        flow = step_flow(module, hook, batch, microbatches, found) if rank == 0 else None
+        return broadcast_object(flow, 0, None, device)
+
+    probe.observe_flow = observe_flow
     if not needs_costs:
         return probe
 
@@ -122,6 +135,11 @@ def probe_model(
 
 
 _HOOKS = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+def step_hook(trainer: Any) -> str:
+    """The LightningModule hook the trainer is about to run: "training_step", "validation_step", ..."""
+    return _HOOKS[_fn(trainer)]
 
 
 def _fn(trainer: Any) -> str:

@@ -29,9 +29,10 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lightning_mp.plan.profiling import storage_id
-from lightning_mp.plan.stage_plan import PLACEHOLDER, StagePlan, shared_parameters, stage_parameters
+from lightning_mp.plan.stage_plan import PLACEHOLDER, Carry, StagePlan, shared_parameters, stage_parameters
 from lightning_mp.runtime.errors import ModelSplitError, PipelineError
 from lightning_mp.runtime.messages import Received, flatten, unflatten
+from lightning_mp.runtime.tree import tensors_with_paths, tree_map_with_path
 
 
 class StageDone(BaseException):
@@ -44,6 +45,8 @@ class _ForwardState:
     chunk: int = -1  # the (virtual) stage this forward runs
     received: Received | None = None
     detached: Any = None
+    carried_in: dict[int, Tensor] = field(default_factory=dict)  # tensors received beside the activation, by key
+    carried_out: dict[int, Tensor] = field(default_factory=dict)  # this forward's, to send on beside the output
     captured: Any = None
     calls: list[int] = field(default_factory=list)
     active: bool = False
@@ -83,6 +86,8 @@ class StageRuntime:
         self.checkpoint_every = 1  # while checkpointing: every n-th own layer (1: all of them)
         self._root = root
         self.shared_params = shared_parameters(root, plan)
+        self._carries: dict[int, tuple[list[Carry], list[Carry]]] = {}  # chunk -> (carried in, carried out)
+        self._plan_carries()
         self._install(root)
         if not any(p.requires_grad for p in root.parameters()):
             # A frozen stage still builds the user's optimizer (so that every rank steps in lockstep), and
@@ -107,26 +112,35 @@ class StageRuntime:
                 remote = RemoteLayer(i, self, original)
                 if self.movable:
                     self._skeletons[i] = remote.skeleton
-                layers.container[i] = remote  # type: ignore[index]
-        for name in layers.pre + layers.post:
+                layers.set_layer(i, remote)
+        post = set(layers.post)
+        for name in layers.positions:
             try:
                 module = root.get_submodule(name) if name else root
             except AttributeError:
                 continue  # inside a module replaced above
             if all(id(p) in needed for p in module.parameters(recurse=False)):
                 continue
-            if name in layers.post:
+            if name in post:
                 _replace(root, name, Unreachable(name, self.stage))
             elif isinstance(module, nn.Embedding):
                 _replace(root, name, ZeroEmbedding(module, name, self))
             else:
                 self._watched += [(name, t) for t in _demote_parameters(module, needed) if t.requires_grad]
-                module.register_forward_pre_hook(self._make_order_guard(name))
+                if not layers.observed:  # placed by registration order: make a wrong guess an error
+                    module.register_forward_pre_hook(self._make_order_guard(name))
 
     def _trace(self, index: int) -> None:
-        self._trace_handles[index] = self.plan.layers.layer(index).register_forward_pre_hook(
-            self._make_trace_hook(index)
-        )
+        layer = self.plan.layers.layer(index)
+        self._trace_handles[index] = layer.register_forward_pre_hook(self._make_trace_hook(index))
+        if self._carrying:
+            layer.register_forward_pre_hook(self._carry_hook(index), with_kwargs=True)
+
+    def _plan_carries(self) -> None:
+        """Which tensors each of this rank's (virtual) stages receives and sends beside the activation."""
+        plan, last = self.plan, self.plan.num_stages - 1
+        self._carries = {k: (plan.carries_into(k), plan.carries_into(k + 1) if k < last else []) for k in self.chunks}
+        self._carrying = any(a or b for a, b in self._carries.values())
 
     # ---- moving layers between stages (see rebalance.py) ---------------------------------------------------------
     def release_layer(self, index: int) -> None:
@@ -135,13 +149,13 @@ class StageRuntime:
         self._trace_handles.pop(index).remove()
         _undo_call_then(block)
         self._skeletons[index] = block.to("meta")  # (rebalancing runs without virtual stages)
-        self.plan.layers.container[index] = RemoteLayer(index, self, block)  # type: ignore[index]
+        self.plan.layers.set_layer(index, RemoteLayer(index, self, block))
 
     def adopt_layer(self, index: int, state: dict[str, Tensor], device: torch.device) -> nn.Module:
         """Take layer ``index`` from another stage, with its parameters and buffers ``state``."""
         block = self._skeletons.pop(index).to_empty(device=device)
         block.load_state_dict(state)
-        self.plan.layers.container[index] = block  # type: ignore[index]
+        self.plan.layers.set_layer(index, block)
         self._trace(index)
         _checkpoint_when(block, self, index)
         return block
@@ -152,6 +166,7 @@ class StageRuntime:
         _undo_call_then(old_last)
         self.plan.balance = list(balance)
         self.plan.param_counts = self.plan.prediction = None  # predictions were for the old split
+        self._plan_carries()
         self.active = self.own_layers = self.plan.layer_range(self.stage)
         self._slot = {index: n for n, index in enumerate(self.own_layers)}
         self.layer_forward_s = [0.0] * len(self.own_layers)
@@ -163,12 +178,16 @@ class StageRuntime:
         """Arm the stand-ins and hooks for one micro-batch's forward of ``chunk`` (default: the rank's stage)."""
         chunk = self.chunks[0] if chunk is None else chunk
         self.active = self.plan.layer_range(chunk)
-        detached = None
+        detached, carried = None, {}
         if received is not None:
-            detached = unflatten(flatten(received.value)[1], [t.detach() for t in received.tensors])
+            value = unflatten(flatten(received.value)[1], [t.detach() for t in received.tensors])
+            detached = value[0] if self._carries[chunk][0] else value
+            if self._carries[chunk][0]:  # non-leaf views, so that in-place use keeps the received leaves intact
+                carried = {k: t.clone() if t.requires_grad else t for k, t in received.value[1].items()}
         self._state = _ForwardState(
-            chunk=chunk, received=received, detached=detached, active=True, grad_enabled=torch.is_grad_enabled()
-        )
+            chunk=chunk, received=received, detached=detached, carried_in=carried, active=True,
+            grad_enabled=torch.is_grad_enabled(),
+        )  # fmt: skip
 
     def is_final(self, chunk: int) -> bool:
         """Whether ``chunk`` is the model's last (virtual) stage: the one that runs the head and the loss."""
@@ -198,12 +217,12 @@ class StageRuntime:
                 )
             if c != i:
                 return (
-                    f"layer {names[c]} ran before {names[i]}: the layers of '{self.plan.layers.container_name}'"
+                    f"layer {names[c]} ran before {names[i]}: the layers of '{self.plan.layers.display_name}'"
                     " must run once each, in order. Point layers= at a container that the model runs in order."
                 )
         return (
             f"stage {self.stage}'s forward ended after layers {calls[:1]}..{calls[-1:]} but must run layers 0.."
-            f"{last_needed}: the step's forward does not run every layer of '{self.plan.layers.container_name}'"
+            f"{last_needed}: the step's forward does not run every layer of '{self.plan.layers.display_name}'"
             " (does training_step call the model?). Point layers= at the container that the forward runs."
         )
 
@@ -241,6 +260,10 @@ class StageRuntime:
         if state.active and state.captured is None and chunk == state.chunk:
             self._time_layer(None)
             state.captured = output
+            outgoing = self._carries[chunk][1]
+            if outgoing:  # the tensors the next stage needs beside the activation
+                state.captured = (output, {c.key: state.carried_out.get(c.key, state.carried_in.get(c.key)) for c in
+                                           outgoing})  # fmt: skip
             if not self.is_final(chunk):
                 if state.grad_enabled and self._trains_own_layers() and not _carries_grad(output):
                     raise PipelineError(self._no_grad_message())
@@ -270,8 +293,30 @@ class StageRuntime:
         if index == self.active.start - 1:
             # Non-leaf views, so that the model's own in-place operations on a block's input keep working.
             tensors = [t.clone() if t.requires_grad else t for t in state.received.tensors]
-            return unflatten(flatten(state.received.value)[1], tensors)
+            value = unflatten(flatten(state.received.value)[1], tensors)
+            return value[0] if self._carries[state.chunk][0] else value
         return state.detached
+
+    def _carry_hook(self, index: int) -> Callable:
+        """Before own layer ``index`` runs: put the received tensors where it reads them, and keep the tensors the
+        next stage needs beside the activation."""
+
+        def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            state = self._state
+            if not state.active or index not in self.active:
+                return None
+            incoming, outgoing = self._carries[state.chunk]
+            put = {path: state.carried_in[c.key] for c in incoming for j, path in c.consumers if j == index}
+            inputs = (args, kwargs)
+            if put:
+                inputs = tree_map_with_path(lambda path, t: put.get(path, t), inputs)
+            for carry in outgoing:
+                if carry.source is not None and carry.source[0] == index:
+                    found = dict(tensors_with_paths(inputs))
+                    state.carried_out[carry.key] = found[carry.source[1]]
+            return inputs if put else None
+
+        return hook
 
     def watch(self, name: str, tensor: Tensor) -> None:
         """Watch a stand-in's output during this step (see :meth:`check_no_bypass`)."""
@@ -289,7 +334,7 @@ class StageRuntime:
             if tensor.grad is not None:
                 raise PipelineError(
                     f"on stage {self.stage} the output of '{name}', a module of the first stage, reaches the loss"
-                    f" without passing through the layers of '{self.plan.layers.container_name}': the model has a"
+                    f" without passing through the layers of '{self.plan.layers.display_name}': the model has a"
                     " connection around them, and lightning-mp carries only the last layer's output between stages."
                     " Point layers= at a container whose blocks carry everything forward."
                 )
@@ -363,7 +408,8 @@ class ZeroEmbedding(nn.Module):
         self._runtime = [runtime]
 
     def forward(self, indices: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self._runtime[0].layers_started():
+        runtime = self._runtime[0]
+        if not runtime.plan.layers.observed and runtime.layers_started():  # placed by registration order: wrongly
             raise ModelSplitError(
                 f"embedding '{self.name}' is registered before the layers but runs after them; register it after the"
                 " layers in __init__, so that lightning-mp places it on the last stage."

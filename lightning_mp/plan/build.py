@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_mp.plan.cost_model import PlanPrediction, StageCostModel
 from lightning_mp.plan.discovery import ModelLayers, discover_layers
+from lightning_mp.plan.flow import LayerFlow
 from lightning_mp.plan.partition import (
     InfeasiblePartition,
     check_explicit_balance,
@@ -38,6 +39,7 @@ def build_plan(
     microbatches: int = 1,
     max_memory: float | None = None,
     call_order: list[str] | None = None,
+    observe_flow: Callable[[ModelLayers], LayerFlow] | None = None,
 ) -> StagePlan:
     """Find the layers of ``root`` and assign them to ``num_stages`` stages.
 
@@ -53,8 +55,11 @@ def build_plan(
         schedule, microbatches: the pipeline the plan is for (activations in flight, bubble).
         max_memory: bytes a stage may use (needs ``measure``): "time" then minimizes time among the splits that fit,
             and any plan predicted above it is refused with the number of stages that would fit.
-        call_order: submodule names in the order one observed forward first called them: the modules outside the
-            layers are placed where they ran (see ``discover_layers``).
+        call_order: submodule names in the order one observed forward called them: the modules outside the
+            layers are placed where they ran, and containers run in sequence are split as one (see
+            ``discover_layers``).
+        observe_flow: returns what each layer is called with on one micro-batch (see ``plan.flow``): tensors that
+            cross a stage boundary beside the activation travel with it.
 
     Raises:
         ModelSplitError: the model cannot be split this way; the message names the setting that fixes it.
@@ -65,6 +70,9 @@ def build_plan(
             " and test with the same Trainer, or build a fresh model (or load the saved checkpoint into one)."
         )
     found = discover_layers(root, layers, call_order)
+    if observe_flow is not None and num_stages > 1:
+        flow = observe_flow(found)
+        found.inputs, found.late_uses = flow.inputs, flow.late_uses
     model = None
     if measure is not None:
         layer_bytes = [_param_bytes(found.layer(i).parameters()) for i in range(found.num_layers)]
@@ -102,12 +110,31 @@ def build_plan(
         counts = check_explicit_balance(balance, found.num_layers, num_stages)
         method = "explicit"
     plan = StagePlan(found, counts, method)
+    check_late_uses(plan)
     plan.param_counts = [sum(p.numel() for p in stage_parameters(root, plan, s)) for s in range(num_stages)]
     if model is not None:
         plan.prediction = PlanPrediction.of(model, counts)
         if max_memory is not None:
             check_memory_limit(model, plan.prediction, found.num_layers, max_memory)
     return plan
+
+
+def check_late_uses(plan: StagePlan) -> None:
+    """Refuse a plan where a layer's output is used after the last layer but lives on another stage than the last.
+
+    Raises:
+        ModelSplitError: naming the layer, the operation and the fix.
+    """
+    last = plan.num_stages - 1
+    for layer, operation in plan.layers.late_uses:
+        if plan.stage_of_layer(layer) != last:
+            name = plan.layers.layer_names[layer]
+            raise ModelSplitError(
+                f"the output of layer {name} (stage {plan.stage_of_layer(layer)}) is used after the last layer, by"
+                f" {operation} on the last stage (e.g. output_hidden_states=True, or a weighted sum of layers):"
+                " lightning-mp carries layer outputs to the next stage only. Compute the loss from the last layer's"
+                " output, or give the last stage every layer whose output it reads (balance=[...])."
+            )
 
 
 def choose_schedule(root: nn.Module, layers: str | None = None, mixed_precision: bool = False) -> str:

@@ -122,7 +122,7 @@ def profile_layers(
     grads = {p: p.grad for p in module.parameters()}
     param_storages = {storage_id(p) for p in module.parameters()}
     runs = []
-    with preserved_random_state(), _restored(module, buffers, grads):
+    with preserved_random_state(), restored_state(module, buffers, grads):
         for attempt in range(repeats + warmups):  # warm-up runs: allocator and kernels settle
             for p in grads:
                 p.grad = None
@@ -130,7 +130,7 @@ def profile_layers(
             with contextlib.ExitStack() as modes:
                 if counter is not None:
                     modes.enter_context(counter)
-                    modes.enter_context(_MetaScalars())
+                    modes.enter_context(MetaScalars())
                 run = _one_run(layers, run_step, rec)
             runs.append(run if attempt >= warmups else None)
     runs = [r for r in runs if r is not None]
@@ -169,7 +169,7 @@ def preserved_random_state(*generators: torch.Generator) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _restored(
+def restored_state(
     module: nn.Module, buffers: dict[str, Tensor], grads: dict[nn.Parameter, Tensor | None]
 ) -> Iterator[None]:
     try:
@@ -182,7 +182,7 @@ def _restored(
                 b.copy_(buffers[n])
 
 
-class _MetaScalars(TorchDispatchMode):
+class MetaScalars(TorchDispatchMode):
     """Answers ``.item()`` on a meta tensor (which has no value) with True / 1: models read masks this way, e.g.
     "is the attention mask all ones?", and the plan only needs shapes."""
 
@@ -247,25 +247,25 @@ def _one_run(layers: ModelLayers, run_step: Callable[[], Tensor | None], rec: _R
 
 
 def observe_call_order(module: nn.Module, run_step: Callable[[], Any]) -> list[str]:
-    """The names of ``module``'s submodules in the order the step first calls them (one forward, no gradients):
-    where the modules outside the layer container really run, before or after the layers. Random states, buffers
-    and gradients are left as they were; a meta-device model runs on shapes alone."""
+    """The names of ``module``'s submodules in the order the step calls them, repeats included (one forward, no
+    gradients): where the modules outside the layers really run, before, between or after the layers. Random
+    states, buffers and gradients are left as they were; a meta-device model runs on shapes alone."""
     names = {id(m): n for n, m in module.named_modules()}
-    order: dict[str, None] = {}
+    order: list[str] = []
 
     def seen(called: nn.Module, args: Any) -> None:
         name = names.get(id(called))
-        if name is not None and name not in order:
-            order[name] = None
+        if name is not None and (not order or order[-1] != name):
+            order.append(name)
 
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     grads = {p: p.grad for p in module.parameters()}
     handle = torch.nn.modules.module.register_module_forward_pre_hook(seen)
     on_meta = any(p.is_meta for p in module.parameters())
     try:
-        scalars = _MetaScalars() if on_meta else contextlib.nullcontext()
-        with preserved_random_state(), _restored(module, buffers, grads), torch.no_grad(), scalars:
+        scalars = MetaScalars() if on_meta else contextlib.nullcontext()
+        with preserved_random_state(), restored_state(module, buffers, grads), torch.no_grad(), scalars:
             run_step()
     finally:
         handle.remove()
-    return list(order)
+    return order

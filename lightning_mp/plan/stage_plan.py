@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lightning_mp.plan.discovery import ModelLayers
+from lightning_mp.runtime.tree import Path
 
 if TYPE_CHECKING:
     from lightning_mp.plan.cost_model import PlanPrediction
@@ -18,6 +19,16 @@ PLACEHOLDER = "lightning_mp_placeholder"
 def is_placeholder(name: str) -> bool:
     """Whether a parameter name is the empty parameter that a stage without trainable parameters carries."""
     return name.rsplit(".", 1)[-1] == PLACEHOLDER
+
+
+@dataclass(frozen=True)
+class Carry:
+    """A tensor that crosses a stage boundary beside the activation (see ``plan.flow``): where the sending stage
+    finds it (a layer's input; None: it received it and passes it on) and where the receiving stage uses it."""
+
+    key: int
+    source: tuple[int, Path] | None
+    consumers: tuple[tuple[int, Path], ...]
 
 
 @dataclass
@@ -39,6 +50,47 @@ class StagePlan:
         start = sum(self.balance[:stage])
         return range(start, start + self.balance[stage])
 
+    def stage_of_layer(self, index: int) -> int:
+        return next(s for s in range(self.num_stages) if index in self.layer_range(s))
+
+    def stage_at(self, position: int) -> int:
+        """The stage that runs what the model does after ``position`` layers: the first stage before the layers, the
+        last after them, and between two layers the stage of the layer after (it receives the one before's output
+        and runs what comes between)."""
+        if position <= 0:
+            return 0
+        if position >= self.layers.num_layers:
+            return self.num_stages - 1
+        return self.stage_of_layer(position)
+
+    def carries_into(self, stage: int) -> list[Carry]:
+        """The tensors that must travel into ``stage`` beside the activation: computed from parameters or layers
+        before the stage's first layer, not part of the previous layer's output, and read by a layer of this stage
+        or a later one (then passed on)."""
+        inputs = self.layers.inputs
+        if not inputs or stage == 0:
+            return []
+        start = self.layer_range(stage).start
+        first_seen: dict[int, tuple[int, Path]] = {}
+        for j, layer_inputs in enumerate(inputs):
+            for item in layer_inputs:
+                first_seen.setdefault(item.key, (j, item.path))
+        later = [item for j in range(start, len(inputs)) for item in inputs[j]]
+        needed = sorted({i.key for i in later if i.derived and not i.main and first_seen[i.key][0] < start})
+        previous_start = self.layer_range(stage - 1).start
+        carries = []
+        for key in needed:
+            source = first_seen[key] if first_seen[key][0] >= previous_start else None
+            consumers = tuple(
+                (j, i.path) for j in self.layer_range(stage) for i in inputs[j] if i.key == key and not i.main
+            )
+            carries.append(Carry(key, source, consumers))
+        return carries
+
+    def outside_modules(self, stage: int) -> list[str]:
+        """The modules outside the layers that ``stage`` runs."""
+        return [n for n, ps in self.layers.positions.items() if any(self.stage_at(p) == stage for p in ps)]
+
     def describe(self) -> list[dict[str, Any]]:
         """One dict per stage: its layers, the modules before/after them it runs, and its parameter count."""
         rows = []
@@ -52,6 +104,7 @@ class StagePlan:
                     "num_layers": len(rng),
                     "before": self.layers.pre if s == 0 else [],
                     "after": self.layers.post if s == self.num_stages - 1 else [],
+                    "between": [n for n in self.outside_modules(s) if n in self.layers.between],
                 }
             )
         return rows
@@ -70,7 +123,7 @@ class StagePlan:
                 row["predicted_time_s"] = self.prediction.stage_time[s]
                 row["predicted_memory_bytes"] = self.prediction.stage_memory[s]
         out: dict[str, Any] = {
-            "container": self.layers.container_name,
+            "container": self.layers.display_name,
             "num_layers": self.layers.num_layers,
             "balance": self.balance,
             "balance_method": self.balance_method,
@@ -87,7 +140,7 @@ class StagePlan:
     def format(self) -> str:
         """A human-readable table of the plan."""
         lines = [
-            f"lightning-mp stage plan: {self.layers.num_layers} layers of '{self.layers.container_name}'"
+            f"lightning-mp stage plan: {self.layers.num_layers} layers of '{self.layers.display_name}'"
             f" in {self.num_stages} stages, balance={self.balance} ({self.balance_method})"
         ]
         for row in self.describe():
@@ -96,6 +149,8 @@ class StagePlan:
                 extra.append("before: " + ", ".join(row["before"]))
             if row["after"]:
                 extra.append("after: " + ", ".join(row["after"]))
+            if row["between"]:
+                extra.append("between layers: " + ", ".join(row["between"]))
             counts, pred = self.param_counts, self.prediction
             params = f", {counts[row['stage']]:,} params" if counts else ""
             if pred is not None:
@@ -120,8 +175,7 @@ class StagePlan:
 def _modules_of_stage(root: nn.Module, plan: StagePlan, stage: int) -> list[nn.Module]:
     layers = plan.layers
     mods = [layers.layer(i) for i in plan.layer_range(stage)]
-    names = (layers.pre if stage == 0 else []) + (layers.post if stage == plan.num_stages - 1 else [])
-    mods += [root.get_submodule(n) if n else root for n in names]
+    mods += [root.get_submodule(n) if n else root for n in plan.outside_modules(stage)]
     return mods
 
 

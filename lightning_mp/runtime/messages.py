@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,7 @@ def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, device
     """``obj`` from global rank ``src`` on every rank of ``group``: one collective for small objects, two for large."""
     is_src = dist.get_rank() == src
     frames = (
-        encode_frames(pickle.dumps(obj), device)
+        encode_frames(dump_object(obj), device)
         if is_src
         else [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device)]
     )
@@ -104,13 +105,13 @@ def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, device
         if not is_src:
             frames.append(torch.empty(overflow, dtype=torch.uint8, device=device))
         dist.broadcast(frames[1], src, group=group)
-    return obj if is_src else pickle.loads(decode_frames(frames[0], frames[1] if overflow else None))
+    return obj if is_src else load_object(decode_frames(frames[0], frames[1] if overflow else None), device)
 
 
 def all_gather_objects(obj: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any]:
     """Every rank's ``obj`` on every rank of ``group``, in group-rank order: one collective for small objects."""
     world = dist.get_world_size(group)
-    frames = encode_frames(pickle.dumps(obj), device)
+    frames = encode_frames(dump_object(obj), device)
     firsts = [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(firsts, frames[0], group=group)
     overflows = [frame_overflow(f) for f in firsts]
@@ -123,7 +124,19 @@ def all_gather_objects(obj: Any, group: dist.ProcessGroup | None, device: torch.
         padded = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
         dist.all_gather(padded, mine, group=group)
         rests = [p[:n] if n else None for p, n in zip(padded, overflows)]
-    return [pickle.loads(decode_frames(f, r)) for f, r in zip(firsts, rests)]
+    return [load_object(decode_frames(f, r), device) for f, r in zip(firsts, rests)]
+
+
+def dump_object(obj: Any) -> bytes:
+    """``obj`` (losses, logged values, metric states, predictions) as bytes for another rank."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def load_object(data: bytes, device: torch.device) -> Any:
+    """An object from :func:`dump_object`, its tensors on ``device`` (the receiver's, not the sender's GPU)."""
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
 
 
 # ---- messages ---------------------------------------------------------------------------------------------------

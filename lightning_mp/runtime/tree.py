@@ -46,3 +46,29 @@ def rebuild_mapping(original: Mapping, items: dict) -> Mapping:
         return type(original)(items)
     except TypeError:
         return items
+
+
+Path = tuple[Any, ...]
+
+
+def tree_map_with_path(fn: Callable[[Path, Any], Any], obj: Any, path: Path = ()) -> Any:
+    """As :func:`tree_map` over tensors, ``fn`` also given each leaf's path (indices, keys, field names)."""
+    if isinstance(obj, Tensor):
+        return fn(path, obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [f.name for f in dataclasses.fields(obj) if f.init]
+        return dataclasses.replace(obj, **{k: tree_map_with_path(fn, getattr(obj, k), (*path, k)) for k in fields})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(tree_map_with_path(fn, v, (*path, i)) for i, v in enumerate(obj)))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_map_with_path(fn, v, (*path, i)) for i, v in enumerate(obj))
+    if isinstance(obj, Mapping):
+        return rebuild_mapping(obj, {k: tree_map_with_path(fn, v, (*path, k)) for k, v in obj.items()})
+    return obj
+
+
+def tensors_with_paths(obj: Any) -> list[tuple[Path, Tensor]]:
+    """Every tensor in ``obj`` with its path, in :func:`tree_map_with_path` order."""
+    found: list[tuple[Path, Tensor]] = []
+    tree_map_with_path(lambda path, t: found.append((path, t)) or t, obj)
+    return found

@@ -137,6 +137,12 @@ def _rule(plan: TensorParallelPlan) -> str:
     return f"the {plan.source} plan ({shown})"
 
 
+def _chain_rule(run: list[str], subplans: list[TensorParallelPlan]) -> str:
+    """The rule of a run of blocks, each layer named from its block's own name (``1.mlp.fc``)."""
+    styles = {f"{m.rpartition('.')[2]}.{n}".rstrip("."): s for m, p in zip(run, subplans) for n, s in p.styles.items()}
+    return _rule(TensorParallelPlan(subplans[0].size, styles=styles, source=subplans[0].source))
+
+
 def plan_targets(root: nn.Module, plan: TensorParallelPlan) -> list[Target]:
     """The distinct pieces of ``plan`` to check: runs of blocks of the container, then each split module outside."""
     modules = dict(root.named_modules())
@@ -148,9 +154,7 @@ def plan_targets(root: nn.Module, plan: TensorParallelPlan) -> list[Target]:
         if key in found:
             found[key].covers.append(run)
         else:
-            rule = _rule(TensorParallelPlan(plan.size, styles={
-                f"{m.rpartition('.')[2]}.{n}".rstrip("."): s for m, p in zip(run, subplans) for n, s in p.styles.items()
-            }, source=plan.source)) if len(run) > 1 else _rule(subplans[0])  # fmt: skip
+            rule = _rule(subplans[0]) if len(run) == 1 else _chain_rule(run, subplans)
             found[key] = Target(run, [run], rule, " + ".join(type(modules[m]).__name__ for m in run))
 
     container = modules.get(plan.container) if plan.container else None

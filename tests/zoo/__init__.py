@@ -14,5 +14,9 @@ def all_models() -> dict[str, Any]:
     """Every zoo module's ``MODELS``, merged."""
     found: dict[str, Any] = {}
     for info in pkgutil.iter_modules(__path__):
-        found.update(getattr(importlib.import_module(f"{__name__}.{info.name}"), "MODELS", {}))
+        models = getattr(importlib.import_module(f"{__name__}.{info.name}"), "MODELS", {})
+        clash = sorted(set(models) & set(found))
+        if clash:
+            raise ValueError(f"tests/zoo/{info.name}.py registers {clash}, already registered by another zoo module")
+        found.update(models)
     return found

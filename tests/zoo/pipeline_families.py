@@ -204,8 +204,26 @@ MODELS = {
     "two_term_loss_gpt": TwoTermLossGPT,
     "head_first_gpt": HeadFirstGPT,
     "torch_encoder": TorchEncoderLM,
-    "litgpt": LitGPT,
-    "hf_t5": lambda **kw: HFSeq2Seq(family="t5", **kw),
-    "hf_bart": lambda **kw: HFSeq2Seq(family="bart", **kw),
+    "litgpt_padded": LitGPT,
+    "seq2seq_t5": lambda **kw: HFSeq2Seq(family="t5", **kw),
+    "seq2seq_bart": lambda **kw: HFSeq2Seq(family="bart", **kw),
     "peft_llama": PeftLlama,
 }
+
+
+class LayerSumGPT(PaddedGPT):
+    """Reads every block's output after the last block (a learned mix of layers, as ELMo-style heads do)."""
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        x, mask = self.embed(ids)
+        outputs = []
+        for block in self.blocks:
+            x = block(x, mask)
+            outputs.append(x)
+        mixed = torch.stack(outputs).mean(0)
+        logits = self.head(self.ln_f(mixed))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
+
+
+MODELS["layer_sum_gpt"] = LayerSumGPT
