@@ -32,7 +32,7 @@ setup() {
         python -m pip install -q --no-deps "litgpt==0.5.13"
         cp pyproject.toml "$stamp"
     fi
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1
 }
 
 cmd="${1:-finetune}"

@@ -21,16 +21,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class StepTimer(L.Callback):
-    """Wall time of every training step (batch start to batch end, optimizer step included)."""
+    """Wall time of every training step (batch start to batch end, optimizer step included); with ``accumulate``
+    batches per optimizer step, from the first batch's start to the last batch's end."""
 
-    def __init__(self) -> None:
+    def __init__(self, accumulate: int = 1) -> None:
         self.times: list[float] = []
+        self.accumulate = accumulate
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t0 = time.perf_counter()
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.accumulate == 0:
+            self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t0)
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.accumulate == 0:
+            self.times.append(time.perf_counter() - self._t0)
 
 
 def fit_and_time(
@@ -40,12 +44,15 @@ def fit_and_time(
     strategy: Any,
     devices: int,
     report: Callable[[L.Trainer], dict] | None = None,
+    accumulate: int = 1,
+    callbacks: list[L.Callback] | None = None,
 ) -> dict | None:
     """Train ``steps`` + 1 steps; on global rank 0 return the median step time after the first, and per-stage
-    busy/wait seconds when the strategy pipelines (None on other ranks); ``report(trainer)`` adds its own keys."""
+    busy/wait seconds when the strategy pipelines (None on other ranks); ``report(trainer)`` adds its own keys.
+    With ``accumulate``, a step is that many batches (one optimizer step)."""
     from lightning_mp.observe.callbacks import PipelineSummary
 
-    timer, summary = StepTimer(), PipelineSummary()
+    timer, summary = StepTimer(accumulate), PipelineSummary()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -55,7 +62,8 @@ def fit_and_time(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, summary],
+        callbacks=[timer, summary, *(callbacks or [])],
+        accumulate_grad_batches=accumulate,
     )
     trainer.fit(model, loader)
     if trainer.global_rank != 0:

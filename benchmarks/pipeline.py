@@ -1,17 +1,24 @@
-"""Pipeline speed: lightning-mp at pp=2 against one process and against hand-written torch.distributed.pipelining.
+"""Pipeline speed: lightning-mp at pp=2 against two one-process baselines and torch.distributed.pipelining.
 
-Every configuration trains the same GPT (examples/gpt.py, untied head so that torch.distributed.pipelining can run it
-too) on the same total batch with AdamW, one thread per process, gloo on CPU. Prints one JSON line per configuration:
+Every configuration trains the same model on the same total batch with AdamW, one thread per process, gloo on CPU:
+``--model gpt`` (examples/gpt.py: LayerNorm, GELU MLP) or ``--model llama`` (the same with RMSNorm and a SwiGLU MLP of
+``--hidden`` 1376), untied head so that torch.distributed.pipelining can run it too. Prints one JSON line per
+configuration:
 
-- ``speedup``: steps/s over one process running the whole model on the whole batch (measured in this invocation);
-- ``ideal``: p·m/(m+p−1), the speedup of a perfectly balanced pipeline with free communication;
-- ``of_ideal``: speedup / ideal;
-- ``vs_torch``: steps/s over the torch.distributed.pipelining run with the same schedule (lightning-mp rows).
+- ``speedup_whole``: steps/s over one process running the whole batch at once;
+- ``speedup``: steps/s over one process running the *same micro-batches*, accumulated (the fair baseline: same
+  kernels, same shapes; on this machine the whole batch at once runs slower per sample than micro-batches do);
+- ``ideal``: p·m/(m+p−1) for one stage per rank, p·v·m/(v·m+p−1) for v stages per rank (interleaved; the V shape's
+  own bound is higher still, and this one is a lower reference for it);
+- ``of_ideal``: speedup (fair) / ideal;
+- ``vs_torch``: steps/s over torch.distributed.pipelining running the same split, micro-batches and schedule
+  (lightning-mp's ``zero_bubble`` is ZB-H1 with one stage per rank; torch's nearest is its interleaved zero-bubble
+  schedule, which the row names).
 
 Each configuration runs ``--repeats`` times, lightning-mp and torch alternating, and the fastest run counts (the
 median step of a run, after one warm-up step): step times on this kind of machine drift by up to ±15% between runs.
 
-Usage: ``python benchmarks/pipeline.py [--layers 8 --d 512 --seq 128 --batch 32 --microbatches 8 --steps 5]``.
+Usage: ``python benchmarks/pipeline.py [--model llama --layers 8 --d 512 --seq 128 --batch 32 --microbatches 8]``.
 """
 
 from __future__ import annotations
@@ -31,13 +38,25 @@ import torch  # noqa: E402
 
 from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
 
+SCHEDULES = "gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_v"
+# lightning-mp schedule -> (torch.distributed.pipelining class, stages per rank, placement)
+TORCH_SCHEDULES = {
+    "gpipe": ("ScheduleGPipe", 1, "loop"),
+    "1f1b": ("Schedule1F1B", 1, "loop"),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", 2, "loop"),
+    "zero_bubble": ("ScheduleInterleavedZeroBubble", 2, "loop"),
+    "zero_bubble_v": ("ScheduleZBVZeroBubble", 2, "v"),
+}
+
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = gpt_arguments(__doc__)
+    p.add_argument("--model", choices=["gpt", "llama"], default="gpt")
+    p.add_argument("--hidden", type=int, default=1376, help="the SwiGLU MLP's width (--model llama)")
     p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--schedules", default="gpipe,1f1b")
+    p.add_argument("--schedules", default=SCHEDULES)
     p.add_argument("--repeats", type=int, default=2, help="runs per configuration, alternating; the fastest counts")
-    p.add_argument("--worker", choices=["single", "lmp", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["single", "accum", "lmp", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -47,7 +66,8 @@ def _model(a: argparse.Namespace) -> Any:
     from examples.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=a.layers, n_embd=a.d, n_head=a.heads, block_size=a.seq, tie_weights=False))
+    swiglu = {"mlp": "swiglu", "hidden": a.hidden} if a.model == "llama" else {}
+    return GPT(GPTConfig(n_layer=a.layers, n_embd=a.d, n_head=a.heads, block_size=a.seq, tie_weights=False, **swiglu))
 
 
 def _data(a: argparse.Namespace) -> torch.Tensor:
@@ -63,67 +83,78 @@ def _lightning_worker(a: argparse.Namespace) -> None:
 
     import lightning_mp
 
-    if a.worker == "single":
-        strategy, devices = "auto", 1
+    data = _data(a)
+    if a.worker == "single":  # the whole batch at once
+        result = fit_and_time(_model(a), DataLoader(data, batch_size=a.batch), a.steps, "auto", 1)
+    elif a.worker == "accum":  # the same micro-batches, accumulated: one optimizer step per batch
+        loader = DataLoader(data, batch_size=a.batch // a.microbatches)
+        result = fit_and_time(_model(a), loader, a.steps, "auto", 1, accumulate=a.microbatches)
     else:
         strategy = lightning_mp.ModelParallel(
-            pipeline_parallel_size=2, schedule=a.schedule, microbatches=a.microbatches
+            pipeline_parallel_size=2, schedule=a.schedule, microbatches=a.microbatches, balance="uniform"
         )
-        devices = 2
-    write_result(a.out, fit_and_time(_model(a), DataLoader(_data(a), batch_size=a.batch), a.steps, strategy, devices))
+        result = fit_and_time(_model(a), DataLoader(data, batch_size=a.batch), a.steps, strategy, 2)
+    write_result(a.out, result)
+
+
+def _torch_stages(model: Any, rank: int, ranks: int, per_rank: int, placement: str) -> list[tuple[int, Any]]:
+    """This rank's (stage index, module) pairs: the layers in ``ranks · per_rank`` equal runs, the embeddings on the
+    first, the final norm and head on the last; stage k on rank k mod ranks ("loop") or down and back up ("v")."""
+    from torch import nn
+
+    total = ranks * per_rank
+    per = len(model.blocks) // total
+
+    class Part(nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.first, self.last = k == 0, k == total - 1
+            self.blocks = model.blocks[k * per : (k + 1) * per]
+            if self.first:
+                self.wte, self.wpe = model.wte, model.wpe
+            if self.last:
+                self.ln_f, self.head = model.ln_f, model.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.first:
+                x = self.wte(x) + self.wpe(torch.arange(x.shape[1]))
+            for b in self.blocks:
+                x = b(x)
+            return self.head(self.ln_f(x)) if self.last else x
+
+    mine = [rank, total - 1 - rank] if placement == "v" else [rank + i * ranks for i in range(per_rank)]
+    return [(k, Part(k)) for k in mine]
 
 
 def _torch_worker(a: argparse.Namespace) -> None:
     import torch.distributed as dist
+    import torch.distributed.pipelining as pipelining
     from torch import nn
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage
 
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model = _model(a)
-    half = a.layers // 2
-
-    class First(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.wte, self.wpe, self.blocks = model.wte, model.wpe, model.blocks[:half]
-
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-            for b in self.blocks:
-                x = b(x)
-            return x
-
-    class Last(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks, self.ln_f, self.head = model.blocks[half:], model.ln_f, model.head
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for b in self.blocks:
-                x = b(x)
-            return self.head(self.ln_f(x))
-
-    module = First() if rank == 0 else Last()
-    # Shapes are inferred at the first step (this model tolerates the uninitialized inputs that inference uses).
-    stage = PipelineStage(module, rank, 2, torch.device("cpu"))
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    name, per_rank, placement = TORCH_SCHEDULES[a.schedule]
+    parts = _torch_stages(_model(a), rank, ranks, per_rank, placement)
+    stages = [PipelineStage(m, k, ranks * per_rank, torch.device("cpu")) for k, m in parts]
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
-    cls = ScheduleGPipe if a.schedule == "gpipe" else Schedule1F1B
-    schedule = cls(stage, n_microbatches=a.microbatches, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-4, weight_decay=0.01)
+    cls = getattr(pipelining, name)
+    schedule = cls(stages if per_rank > 1 else stages[0], n_microbatches=a.microbatches, loss_fn=loss_fn)
+    params = [p for _, m in parts for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    holds_first = any(k == 0 for k, _ in parts)
+    holds_last = any(k == ranks * per_rank - 1 for k, _ in parts)
     data = _data(a)
     times = []
     for step in range(a.steps + 1):
         batch = data[step * a.batch : (step + 1) * a.batch]
         t0 = time.perf_counter()
         opt.zero_grad()
-        if rank == 0:
-            schedule.step(batch[:, :-1])
-        else:
-            schedule.step(target=batch[:, 1:])
+        inputs = (batch[:, :-1],) if holds_first else ()
+        schedule.step(*inputs, **({"target": batch[:, 1:]} if holds_last else {}))
         opt.step()
         times.append(time.perf_counter() - t0)
     dist.barrier()
@@ -137,9 +168,14 @@ def _torch_worker(a: argparse.Namespace) -> None:
 
 def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> dict[str, Any]:
     args = ["--worker", worker, "--schedule", schedule]
-    for name in ("layers", "d", "heads", "seq", "batch", "microbatches", "steps"):
+    for name in ("model", "hidden", "layers", "d", "heads", "seq", "batch", "microbatches", "steps"):
         args += [f"--{name}", str(getattr(a, name))]
     return run_worker(__file__, args, ranks=2 if worker == "torch" else 1)
+
+
+def _ideal(schedule: str, p: int, m: int) -> float:
+    v = 2 if schedule in ("interleaved_1f1b", "zero_bubble_v") else 1
+    return p * v * m / (v * m + p - 1)
 
 
 def main() -> None:
@@ -149,10 +185,14 @@ def main() -> None:
         (_torch_worker if a.worker == "torch" else _lightning_worker)(a)
         return
     p, m = 2, a.microbatches
-    ideal = p * m / (m + p - 1)
-    model = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "microbatches": m, "threads_per_rank": 1}
-    single = min(_run(a, "single")["step_s"] for _ in range(a.repeats))
-    print(json.dumps({"config": "one process", **model, "step_s": round(single, 3)}), flush=True)
+    shape = {"model": a.model, "layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "microbatches": m}
+    whole, fair = [], []
+    for _ in range(a.repeats):  # alternate the two baselines too
+        whole.append(_run(a, "single")["step_s"])
+        fair.append(_run(a, "accum")["step_s"])
+    whole_s, fair_s = min(whole), min(fair)
+    print(json.dumps({"config": "one process, whole batch", **shape, "step_s": round(whole_s, 3)}), flush=True)
+    print(json.dumps({"config": "one process, micro-batches accumulated", **shape, "step_s": round(fair_s, 3)}))
     for schedule in a.schedules.split(","):
         torch_runs, lmp_runs = [], []
         for _ in range(a.repeats):  # alternate, so that drifting machine speed hits both alike
@@ -160,18 +200,21 @@ def main() -> None:
             lmp_runs.append(_run(a, "lmp", schedule))
         torch_s = min(r["step_s"] for r in torch_runs)
         lmp = min(lmp_runs, key=lambda r: r["step_s"])
+        ideal = _ideal(schedule, p, m)
+        torch_name = TORCH_SCHEDULES[schedule][0]
         for name, t in (
-            (f"torch.distributed.pipelining {schedule}", torch_s),
+            (f"torch.distributed.pipelining {torch_name}", torch_s),
             (f"lightning-mp {schedule}", lmp["step_s"]),
         ):
             row = {
                 "config": name,
                 "pp": p,
-                **model,
+                **shape,
                 "step_s": round(t, 3),
-                "speedup": round(single / t, 3),
+                "speedup": round(fair_s / t, 3),
+                "speedup_whole": round(whole_s / t, 3),
                 "ideal": round(ideal, 3),
-                "of_ideal": round(single / t / ideal, 3),
+                "of_ideal": round(fair_s / t / ideal, 3),
             }
             if name.startswith("lightning-mp"):
                 row["vs_torch"] = round(torch_s / t, 3)

@@ -24,9 +24,11 @@ from examples.lm import CausalLanguageModel
 from examples.nlp_data import ByteTokenizer, language_model_data
 from examples.recipe import fit, loaders
 from lightning_mp import build_strategy
+from lightning_mp.integrations.config import one_line_errors
 
 
 @hydra.main(config_path="../conf", config_name="causal_lm", version_base="1.3")
+@one_line_errors  # a ConfigError or ModelSplitError: one line, exit status 1
 def main(cfg: DictConfig) -> None:
     strategy = build_strategy(cfg.strategy)  # a bad setting fails here, before any process starts
     torch.set_num_threads(cfg.threads_per_rank)

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from examples.hf import build
 from examples.optim import adamw_with_warmup
 
 
@@ -28,7 +29,8 @@ class TextClassifier(L.LightningModule):
         from transformers import AutoModelForSequenceClassification
 
         self.save_hyperparameters()
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
+        # the classification head is new: trained here from scratch (transformers' load report would list it)
+        self.model = build(AutoModelForSequenceClassification.from_pretrained, name_or_path, num_labels=num_labels)
         self.train_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_labels, average="macro")

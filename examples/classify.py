@@ -25,9 +25,11 @@ from examples.classifier import TextClassifier
 from examples.nlp_data import classification_data, tokenize_batch
 from examples.recipe import fit, loaders
 from lightning_mp import build_strategy
+from lightning_mp.integrations.config import one_line_errors
 
 
 @hydra.main(config_path="../conf", config_name="classify", version_base="1.3")
+@one_line_errors  # a ConfigError or ModelSplitError: one line, exit status 1
 def main(cfg: DictConfig) -> None:
     from transformers import AutoTokenizer
 

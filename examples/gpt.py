@@ -22,6 +22,8 @@ class GPTConfig:
     n_embd: int = 512
     dropout: float = 0.0
     tie_weights: bool = True
+    mlp: str = "gelu"  # "gelu" (GPT-2: LayerNorm, 4·d GELU MLP) or "swiglu" (LLaMA-style: RMSNorm, SwiGLU MLP)
+    hidden: int | None = None  # the MLP's width (default 4·n_embd)
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,15 +46,31 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
 
 
+class SwiGLU(nn.Module):
+    """LLaMA's MLP: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        hidden = cfg.hidden or 4 * cfg.n_embd
+        norm = nn.RMSNorm if cfg.mlp == "swiglu" else nn.LayerNorm
+        self.ln_1 = norm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd)
-        )
+        self.ln_2 = norm(cfg.n_embd)
+        if cfg.mlp == "swiglu":
+            self.mlp: nn.Module = SwiGLU(cfg.n_embd, hidden)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_embd))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -70,7 +88,7 @@ class GPT(L.LightningModule):
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.ln_f = (nn.RMSNorm if c.mlp == "swiglu" else nn.LayerNorm)(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_weights:
             self.head.weight = self.wte.weight

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torchmetrics.text import Perplexity
 
+from examples.hf import build
 from examples.optim import adamw_with_warmup
 
 
@@ -34,9 +35,9 @@ class CausalLanguageModel(L.LightningModule):
 
         self.save_hyperparameters()
         if name_or_path:
-            self.model = AutoModelForCausalLM.from_pretrained(name_or_path)
+            self.model = build(AutoModelForCausalLM.from_pretrained, name_or_path)
         else:
-            self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**(config or {})))
+            self.model = build(AutoModelForCausalLM.from_config, AutoConfig.for_model(**(config or {})))
         self.val_perplexity = Perplexity()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -27,10 +27,11 @@ import lightning_mp  # registers "model_parallel"
 from examples.gpt import GPT, GPTConfig
 from examples.text_data import ByteWindows, python_docs_text
 from lightning_mp import PipelineSummary, PipelineTimeline, build_strategy
-from lightning_mp.integrations.config import check_strategy_config
+from lightning_mp.integrations.config import check_strategy_config, one_line_errors
 
 
 @hydra.main(config_path="../conf", config_name="quickstart", version_base="1.3")
+@one_line_errors  # a ConfigError or ModelSplitError: one line, exit status 1
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads_per_rank)
     L.seed_everything(cfg.seed, verbose=False)

@@ -64,6 +64,8 @@ def dry_run(
     report = plan.to_dict(ranks)
     report.update(layout={"dp": layout.dp, "pp": layout.pp, "tp": layout.tp}, schedule=planned.schedule)
     report.update(microbatches=m, virtual_stages=planned.virtual_stages)
+    if layout.dp > 1:  # bytes per rank at the data_parallel_sharding level
+        report["data_parallel"] = planned.dp_memory(model, layout)
     if planned.estimates is not None:
         report["schedule_estimates"] = [e.as_dict() for e in planned.estimates]
     if planned.tp_plan is not None:

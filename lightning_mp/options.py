@@ -10,7 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 from lightning_mp.pipeline.losses import LOSS_NORMALIZATIONS
-from lightning_mp.plan.partition import BALANCE_CHOICES
+from lightning_mp.pipeline.sharding import SHARDING_LEVELS
+from lightning_mp.plan.partition import BALANCE_CHOICES, uniform_balance
 from lightning_mp.plan.schedules import SCHEDULE_CHOICES, chunks_of
 from lightning_mp.runtime.errors import ConfigError, LayoutError
 from lightning_mp.runtime.layout import parse_bytes
@@ -56,7 +57,7 @@ RULES: dict[str, tuple[Any, ...]] = {
     "data_parallel_size": (_positive_int_or("auto"), "a positive int or auto", LayoutError),
     "microbatches": (_positive_int_or("auto"), "a positive int or auto"),
     "schedule": _one_of(*SCHEDULE_CHOICES),
-    "balance": (_balance_ok, " | ".join(BALANCE_CHOICES) + " | a list of layer counts per stage, e.g. [5,3]"),
+    "balance": (_balance_ok, " | ".join(BALANCE_CHOICES) + " | a list of layer counts per stage (positive ints)"),
     "start_method": _one_of("popen", "spawn", "fork"),
     "rebalance_every": (_positive_int_or("epoch"), "a positive int (steps) or epoch"),
     "max_memory": (_bytes_ok, 'null, a number of bytes, or a size such as "24GiB"'),
@@ -71,6 +72,11 @@ RULES: dict[str, tuple[Any, ...]] = {
     ),
     "tensor_parallel_plan": (_plan_ok, "null or a mapping of module name pattern to " + " | ".join(USER_STYLES)),
     "tensor_parallel_check": _one_of(*CHECK_MODES),
+    "data_parallel_sharding": _one_of(*SHARDING_LEVELS),
+    "data_parallel_bucket_size": (
+        lambda v: v is not None and _bytes_ok(v),
+        'a number of bytes or a size such as "25MiB"',
+    ),
 }
 
 
@@ -86,8 +92,9 @@ def check_options(values: Mapping[str, Any], prefix: str = "") -> None:
         rule = RULES.get(key)
         if key == "balance" and value == "manual":
             raise ConfigError(
-                f"{prefix}balance=manual needs the layer counts per stage: give {prefix}balance=[...] with one count"
-                " per stage, summing to the number of layers (dry_run shows the layers)."
+                f"{prefix}balance=manual needs the layer counts per stage: add {prefix}balance=[n1,n2,...], one count"
+                " per stage, summing to the model's layers (the stage plan printed at start-up, or"
+                " lightning_mp.dry_run, shows how many)."
             )
         if rule is not None and not rule[0](value):
             error = rule[2] if len(rule) > 2 else ConfigError
@@ -106,6 +113,12 @@ def _check_together(values: Mapping[str, Any], prefix: str) -> None:
         raise ConfigError(
             f"{prefix}rebalance=True does not move tensor-parallel layers yet: use rebalance=False with tp>1."
         )
+    sharding = values.get("data_parallel_sharding", "none")
+    if rebalance and sharding != "none":
+        raise ConfigError(
+            f"{prefix}rebalance=True does not move sharded optimizer state yet: use rebalance=False with"
+            f" data_parallel_sharding={sharding!r} (or data_parallel_sharding='none')."
+        )
     if rebalance and not values.get("pipeline_metrics", True):
         raise ConfigError(f"{prefix}rebalance=True moves layers by the measured stage times: keep pipeline_metrics.")
     balance, pp = values.get("balance", "time"), values.get("pipeline_parallel_size", "auto")
@@ -116,8 +129,11 @@ def _check_together(values: Mapping[str, Any], prefix: str) -> None:
             " one layer count per stage."
         )
     if not isinstance(balance, str) and 0 in balance:
+        even = uniform_balance(sum(balance), len(balance)) if sum(balance) >= len(balance) else None
+        example = f", e.g. balance={even} if the model has {sum(balance)} layers" if even else ""
         raise ConfigError(
-            f"{prefix}balance={list(balance)} gives a stage no layers: every stage needs at least one layer."
+            f"{prefix}balance={list(balance)} gives stage {list(balance).index(0)} no layers: every stage needs at"
+            f" least one layer{example}."
         )
 
 
@@ -260,12 +276,24 @@ class StrategyOptions:
     warning that says why. "samples": always by samples (Lightning's gradient accumulation). "global_tokens": as
     "auto", normalised by the valid tokens of all data-parallel replicas together (Hugging Face's
     ``average_tokens_across_devices``) rather than each replica's own (DDP's)."""
+    data_parallel_sharding: str = "none"
+    """What the data-parallel replicas of a stage split between them instead of each holding all of it (ZeRO):
+    "none" (replicated: gradients averaged by all-reduce), "optimizer" (ZeRO-1: each replica keeps and updates the
+    optimizer state of 1/dp of the stage's parameters; parameters re-assembled after the step), "gradients" (ZeRO-2:
+    also gradients reduce-scattered, each replica keeping its 1/dp), "full" (ZeRO-3 / FSDP: parameters too, gathered
+    for each step's micro-batches and released after it). Every level averages gradients in buckets launched during
+    the last backward where it can, and trains to the same numbers; the user's optimizer is kept (rebuilt over the
+    shards: element-wise optimizers such as SGD and AdamW match exactly). Only matters with data_parallel_size > 1."""
+    data_parallel_bucket_size: Any = "25MiB"
+    """bytes of gradients reduced together in one bucket (a number or a size such as "25MiB"): smaller buckets start
+    reducing sooner during the backward, larger ones pay fewer collective latencies."""
 
     def __post_init__(self) -> None:
         check_options(vars(self))
         self.virtual_stages = resolve_virtual_stages(self.schedule, self.virtual_stages)
         self.balance = self.balance if isinstance(self.balance, str) else list(self.balance)
         self.max_memory = parse_bytes(self.max_memory) if self.max_memory is not None else None
+        self.data_parallel_bucket_size = parse_bytes(self.data_parallel_bucket_size)
         self.tensor_parallel_plan = dict(self.tensor_parallel_plan) if self.tensor_parallel_plan else None
         if isinstance(self.timeout, (int, float)):
             self.timeout = timedelta(seconds=self.timeout)

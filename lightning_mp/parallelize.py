@@ -8,6 +8,7 @@ strategy's hooks delegate to (steps, gradient sync, full parameters).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,11 +72,17 @@ class ParallelModel:
     grads: GradientSync = field(default_factory=GradientSync)
     global_tokens: bool = False  # loss_normalization="global_tokens": normalise by the tokens of every replica
     stash: GradStash = field(default_factory=GradStash)
+    window_end: bool = False  # the running step is the last of an accumulation window (an optimizer step follows)
 
     def train_step(self, module: nn.Module, batch: Any, rest: tuple, accumulate: int) -> Tensor | None:
         """One training step of this stage; its gradients are kept apart until Lightning's ``backward``, normalised
-        as one process would (by the batch's token count when the loss is a recognised token mean)."""
+        as one process would (by the batch's token count when the loss is a recognised token mean). With dp > 1
+        the step that ends a window hands its gradients to the data-parallel buckets instead
+        (:class:`~lightning_mp.pipeline.sharding.DataParallelSharding`)."""
+        sharding = self.grads.sharding
         self.stash.begin(p for p in module.parameters() if p.requires_grad)
+        if sharding is not None:
+            sharding.begin_step(self.stash, self.window_end)
         scale = 1.0
         try:
             loss, norm = self.runner.train_step("training_step", batch, rest, 1.0 / accumulate)
@@ -89,7 +96,30 @@ class ParallelModel:
                 scale = ref / count if count else float("nan")
         finally:
             self.stash.end(scale)
+        if sharding is not None:
+            sharding.end_step(self.stash, self.window_end, self.grads.sum_late)
         return loss
+
+    def shard_data_parallel(self, module: nn.Module, optimizers: list[Any], level: str, bucket_bytes: int) -> None:
+        """With dp > 1: reduce gradients in overlapped buckets and, above ``"none"``, shard the optimizer state (and
+        gradients, parameters) over the replicas (pipeline/sharding.py). Called once the optimizer exists."""
+        from lightning_mp.pipeline.sharding import DataParallelSharding
+
+        group = self.grads.dp_group
+        if group is None or self.grads.sharding is not None:
+            return
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"data-parallel reduction in lightning-mp handles one optimizer, configure_optimizers returned"
+                f" {len(optimizers)}: return one (with parameter groups for different settings)."
+            )
+        optimizer = getattr(optimizers[0], "_optimizer", optimizers[0])
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        sharding = DataParallelSharding(
+            module, optimizer, level, group, rank, world, self.grads.late_params(), int(bucket_bytes)
+        )
+        sharding.speculate = not self.global_tokens  # its token count all-reduce shares the dp group mid-step
+        self.grads.sharding = sharding
 
     def shards(self) -> Shards | None:
         """How this rank's tensor-parallel parameters are split, for checkpoints (None without tp)."""
@@ -97,8 +127,18 @@ class ParallelModel:
             return None
         return Shards(self.tensor.specs, dist.get_process_group_ranks(self.tensor.tp.group))
 
+    def whole(self) -> Any:
+        """A context in which every parameter holds its whole value (``data_parallel_sharding="full"`` releases
+        them between steps); a collective of the dp group then."""
+        sharding = self.grads.sharding
+        return sharding.whole() if sharding is not None else contextlib.nullcontext()
+
     def full_parameters(self, module: nn.Module) -> dict[str, Tensor]:
         """This stage's parameters by name, those split over the tp group gathered whole (a collective of it)."""
+        with self.whole():
+            return self._full_parameters(module)
+
+    def _full_parameters(self, module: nn.Module) -> dict[str, Tensor]:
         full = {}
         for name, param in module.named_parameters():
             if is_placeholder(name):
@@ -117,6 +157,7 @@ class ModelPlan:
     virtual_stages: int
     tp_plan: TensorParallelPlan | None = None
     estimates: list[Any] | None = None  # schedule="auto" with measured costs: each candidate's prediction
+    data_parallel_sharding: str = "none"
 
     def format(self, module: nn.Module, layout: ParallelLayout, microbatches: int) -> str:
         """The plan as rank 0 prints it: stages, the tensor-parallel plan and memory, the layout."""
@@ -125,7 +166,18 @@ class ModelPlan:
             memory = self.tp_memory(module)
             text += "\n" + self.tp_plan.format() + "\n" + self.tp_plan.format_memory(memory)
         m = 1 if self.schedule == "none" else microbatches
+        if layout.dp > 1:
+            text += "\n" + self.dp_memory(module, layout)["text"]
         return text + f"\n  layout: {layout}, schedule={self.schedule}, microbatches={m}"
+
+    def dp_memory(self, module: nn.Module, layout: ParallelLayout) -> dict[str, Any]:
+        """Each stage's parameter, gradient and optimizer bytes per rank at the data-parallel sharding level (the
+        stage's whole parameters: with tp > 1 each rank holds its tensor-parallel part of these)."""
+        from lightning_mp.pipeline.sharding import sharded_memory_report
+
+        stages = [stage_parameters(module, self.plan, s) for s in range(self.plan.num_stages)]
+        stage_bytes = [sum(p.numel() * p.element_size() for p in ps if p.requires_grad) for ps in stages]
+        return sharded_memory_report(stage_bytes, layout.dp, self.data_parallel_sharding)
 
     def tp_memory(self, module: nn.Module) -> Any:
         """Each stage's parameter memory per tensor-parallel rank."""
@@ -148,7 +200,7 @@ def plan_model(
         balance = "params"
     schedule, v, measure, estimates = _resolve_schedule(module, options, layout, microbatches, measure, mixed_precision)
     plan = _plan_stages(module, options, balance, layout, schedule, v, microbatches, measure, call_order, observe_flow)
-    result = ModelPlan(plan, schedule, v, estimates=estimates)
+    result = ModelPlan(plan, schedule, v, estimates=estimates, data_parallel_sharding=options.data_parallel_sharding)
     if layout.tp > 1:  # planned on the whole model, applied to each rank's stage once it holds memory
         result.tp_plan = plan_tensor_parallel(
             module, plan.layers.container_name, layout.tp, options.tensor_parallel_plan, options.sequence_parallel
@@ -168,7 +220,7 @@ def prepare(
     planned = plan_model(
         module, options, ctx.layout, m, probe.measure, mixed_precision, probe.call_order, probe.observe_flow
     )
-    if planned.tp_plan is not None and options.tensor_parallel_check != "off":  # before the plan is printed
+    if planned.tp_plan is not None:  # the data-flow planner, then the self-check unless off, before it is printed
         step, no_step = _check_step(trainer, module, m, to_device)
         mode = options.tensor_parallel_check
         self_check(module, planned.tp_plan, _tp_group(ctx), step, mode, ctx.device, no_step)
@@ -198,7 +250,8 @@ def parallelize(module: nn.Module, planned: ModelPlan, options: StrategyOptions,
     pp_group = ctx.mesh["pp"].get_group()
     runner = PipelineRunner(
         module, runtime, dist.get_process_group_ranks(pp_group), pp_group, planned.schedule,
-        _microbatches(options, ctx.layout), ctx.device, monitor=options.pipeline_metrics, p2p=ctx.p2p,
+        _microbatches(options, ctx.layout), ctx.device, p2p=ctx.p2p,
+        monitor=options.pipeline_metrics and ctx.layout.pp > 1,  # one stage: no bubble, nothing to balance
         activation_checkpointing=options.activation_checkpointing, loss_normalization=options.loss_normalization,
     )  # fmt: skip
     runtime.checkpoint_every = options.checkpoint_every_n_layers

@@ -34,8 +34,11 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_mp.checkpoint import strategy_io
+from lightning_mp.observe.step_logs import silence_sync_dist_advice
+from lightning_mp.observe.summary import use_split_model_callbacks
 from lightning_mp.options import StrategyOptions, resolve_microbatches
 from lightning_mp.parallelize import ParallelModel, RankContext, prepare
+from lightning_mp.pipeline.loss_scaling import agree_on_overflow, loss_scaler_of
 from lightning_mp.pipeline.microbatch import check_microbatches
 from lightning_mp.pipeline.rebalance import maybe_rebalance
 from lightning_mp.plan.build import BalanceSpec
@@ -91,6 +94,8 @@ class ModelParallel(ParallelStrategy):
         virtual_stages: Optional[int] = None,
         loss_normalization: Literal["auto", "samples", "global_tokens"] = "auto",
         tensor_parallel_check: Literal["error", "fallback", "off"] = "error",
+        data_parallel_sharding: Literal["none", "optimizer", "gradients", "full"] = "none",
+        data_parallel_bucket_size: Union[int, float, str] = "25MiB",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -107,6 +112,7 @@ class ModelParallel(ParallelStrategy):
         self._mesh: Any = None
         self._parallel: Optional[ParallelModel] = None
         self._watch: Optional[FailureWatch] = None
+        self._messages_group: Any = None  # point-to-point messages' group (None: the default one)
         self._failed = False  # this run raised (teardown then waits for no one)
         self._batch_checked = False
 
@@ -209,9 +215,9 @@ class ModelParallel(ParallelStrategy):
         o, self._failed = self.options, False
         if self._watch is not None:
             self._watch.stop()
-        o.process_group_backend, self._watch = join_process_group(
+        o.process_group_backend, self._watch, self._messages_group = join_process_group(
             self.cluster_environment, self.root_device, o.process_group_backend, o.timeout, self.global_rank,
-            self.describe_rank,
+            self.describe_rank, self._end_launched_processes,
         )  # fmt: skip
         self._mesh = self.lightning_module._device_mesh = layout.build_mesh(self.root_device.type)
 
@@ -240,17 +246,26 @@ class ModelParallel(ParallelStrategy):
                 " set self.automatic_optimization = True (manual_backward cannot be split across stages)."
             )
         if self._parallel is None:
-            p2p = P2P(self.root_device, watch=self._watch, describe=self.describe_rank)
+            p2p = P2P(self.root_device, group=self._messages_group, watch=self._watch, describe=self.describe_rank)
             ctx = RankContext(self.layout, self._mesh, self.global_rank, self.root_device, p2p)
             mixed = isinstance(self.precision_plugin, MixedPrecision)
             to_device = lambda batch: self.batch_to_device(batch, self.root_device)  # noqa: E731
             self._parallel = prepare(trainer, module, self.options, ctx, mixed, to_device)
+        use_split_model_callbacks(trainer)  # a summary of the whole split model; a progress bar without "0/-2"
+        if not self.is_distributed:  # no data parallelism: every rank logs the same values
+            silence_sync_dist_advice()
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            o = self.options
+            self._parallel.shard_data_parallel(
+                module, self.optimizers, o.data_parallel_sharding, o.data_parallel_bucket_size
+            )
         self.setup_precision_plugin()
         self._patch_gradient_clipping()
+        scaler = loss_scaler_of(self.precision_plugin)  # fp16: every micro-batch's backward loss scaled
+        self._parallel.runner.scale_loss = scaler.scale if scaler is not None else None
         self.barrier()
         self._parallel.runner.executor.time_origin = time.perf_counter()  # after a barrier: a shared origin
 
@@ -298,11 +313,20 @@ class ModelParallel(ParallelStrategy):
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         def closure_then_sync() -> Any:
-            result = closure()
-            self._parallel.grads.sync([p for g in optimizer.param_groups for p in g["params"]])
+            self._parallel.window_end = True  # its step's gradients may start reducing during its backward
+            try:
+                result = closure()
+            finally:
+                self._parallel.window_end = False
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            self._parallel.grads.sync(params)
+            if self._parallel.runner.scale_loss is not None:  # an inf on any rank skips the step on every rank
+                agree_on_overflow(params, self.root_device)
             return result
 
         result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        if self._parallel.grads.sharding is not None:
+            self._parallel.grads.sharding.after_optimizer_step()
         if self.options.rebalance and self.options.rebalance_every != "epoch":
             maybe_rebalance(self.runner, self.optimizers, self.options.rebalance_every, self.root_device)
         return result
@@ -316,17 +340,17 @@ class ModelParallel(ParallelStrategy):
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.precision_plugin.val_step_context():
+        with self.precision_plugin.val_step_context(), self._parallel.whole():
             return self.runner.eval_step("validation_step", args[0], args[1:])
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.precision_plugin.test_step_context():
+        with self.precision_plugin.test_step_context(), self._parallel.whole():
             return self.runner.eval_step("test_step", args[0], args[1:])
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.precision_plugin.predict_step_context():
+        with self.precision_plugin.predict_step_context(), self._parallel.whole():
             return self.runner.predict_step(args[0], args[1:], everywhere=self.options.predictions == "all")
 
     # ---- collectives --------------------------------------------------------------------------------------------
@@ -347,6 +371,14 @@ class ModelParallel(ParallelStrategy):
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op) if isinstance(tensor, Tensor) else tensor
 
+    def data_parallel_memory(self) -> Optional[dict[str, int]]:
+        """Bytes this rank holds of parameters, gradients (after the reduction) and optimizer state under
+        ``data_parallel_sharding`` (None without data parallelism or before training)."""
+        sharding = self._parallel.grads.sharding if self._parallel is not None else None
+        if sharding is None or not self.optimizers:
+            return None
+        return sharding.memory(strategy_io.unwrapped(self.optimizers[0]))
+
     def full_parameters(self) -> dict[str, Tensor]:
         """This stage's parameters by name, those split over the tp group gathered whole (a collective of it)."""
         return self._parallel.full_parameters(self.lightning_module)
@@ -359,24 +391,29 @@ class ModelParallel(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return strategy_io.stage_state_dict(self.lightning_module)
+        grads = self._parallel.grads
+        return strategy_io.model_state(self.lightning_module, grads.sharding, grads.norm_skip)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        return strategy_io.named_optimizer_state(strategy_io.unwrapped(optimizer), self.lightning_module)
+        grads = self._parallel.grads
+        return strategy_io.optimizer_state(optimizer, self.lightning_module, grads.sharding, grads.norm_skip)
+
+    def _checkpoint_shards(self) -> Any:
+        return strategy_io.checkpoint_shards(self._parallel.shards(), self._parallel.grads.sharding)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("ModelParallel writes distributed checkpoints itself and takes no storage_options.")
         gather = lambda obj: all_gather_objects(obj, None, self.root_device)  # noqa: E731
-        strategy_io.save(checkpoint, filepath, self.lightning_module, gather, self._parallel.shards())
+        strategy_io.save(checkpoint, filepath, self.lightning_module, gather, self._checkpoint_shards())
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         trusted = not self.options.checkpoint_weights_only if weights_only is None else not weights_only
         return strategy_io.load(
-            checkpoint_path, self.lightning_module, self.optimizers, trusted, self._parallel.shards(),
+            checkpoint_path, self.lightning_module, self.optimizers, trusted, self._checkpoint_shards(),
             self.checkpoint_io.load_checkpoint,
         )  # fmt: skip
 
@@ -387,11 +424,13 @@ class ModelParallel(ParallelStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        strategy_io.load_model_state(self.lightning_module, checkpoint, strict, self.stage)
+        sharding = self._parallel.grads.sharding
+        strategy_io.load_stage_model_state(self.lightning_module, checkpoint, strict, self.stage, sharding)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        strategy_io.load_optimizer_states(self.optimizers, checkpoint, self.lightning_module)
+        sharding = self._parallel.grads.sharding
+        strategy_io.load_optimizer_states(self.optimizers, checkpoint, self.lightning_module, sharding)
 
     # ---- failure and teardown -----------------------------------------------------------------------------------
     @override
@@ -401,6 +440,10 @@ class ModelParallel(ParallelStrategy):
         self._failed = True
         if self._layout is not None:
             report_failure(exception, self._watch, self.describe_rank(self.global_rank))
+        self._end_launched_processes()
+
+    def _end_launched_processes(self) -> None:
+        """On the launching rank, kill the ranks it started (they would wait on it)."""
         if isinstance(self._launcher, _SubprocessScriptLauncher) and self.global_rank == 0:
             self._launcher.kill(signal.SIGKILL)
 

@@ -9,6 +9,7 @@ rank's parameters by name. A job without ``strategy`` runs in one process with n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -29,12 +30,19 @@ class Recorder(L.Callback):
         self.losses: list[float] = []
         self.metrics: list[dict[str, float]] = []
         self.rss: list[int] = []  # resident bytes after each step (Linux)
+        self.scales: list[float | None] = []  # the fp16 loss scale after each step (None without a scaler)
+        self.messages: list[dict[str, int]] = []  # point-to-point operations posted so far, after each step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scales.append(float(scaler.get_scale()) if scaler is not None else None)
+        runner = getattr(trainer.strategy, "runner", None)
+        if runner is not None:
+            self.messages.append(dataclasses.asdict(runner.executor.p2p.counts))
         statm = Path("/proc/self/statm")
         if statm.exists():
             self.rss.append(int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
@@ -57,6 +65,11 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     recorder = Recorder()
     callbacks: list[L.Callback] = [recorder]
     plugins = []
+    if job.get("fp16_scaler"):  # "16-mixed" with an explicit CPU GradScaler: {"init_scale": ...}
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cpu", **job["fp16_scaler"])
+        plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
     if job.get("checkpoint_io") == "distributed":  # one plain process reading a lightning-mp checkpoint directory
         from lightning_mp.checkpoint.consolidate import DistributedCheckpointIO
 
@@ -110,6 +123,8 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     result = {
         "losses": recorder.losses,
         "rss": recorder.rss,
+        "scales": recorder.scales,
+        "messages": recorder.messages,
         "metrics": recorder.metrics,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "params": _parameters(trainer, model),

@@ -46,6 +46,8 @@ def test_tensor_parallel_options_are_checked() -> None:
         ),
         ({"rebalance_every": 0}, "rebalance_every=0 is invalid"),
         ({"rebalance_every": "weekly"}, "rebalance_every='weekly' is invalid"),
+        ({"pipeline_parallel_size": 2, "balance": [4, 0]}, r"balance=\[4, 0\] gives stage 1 no layers"),
+        ({"balance": [0, 3, 3]}, r"balance=\[0, 3, 3\] gives stage 0 no layers.*e\.g\. balance=\[2, 2, 2\]"),
     ],
 )
 def test_bad_options(kwargs: dict, message: str) -> None:

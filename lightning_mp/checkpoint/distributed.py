@@ -95,7 +95,7 @@ def save_checkpoint_dir(
     checkpoint: dict[str, Any],
     path: str | Path,
     gather: Callable[[Any], list[Any] | None],
-    shards: Shards | None = None,
+    shards: Any = None,  # Shards, or checkpoint.dp_shards.DataParallelShards
 ) -> None:
     """Write ``checkpoint`` (this rank's part) as the checkpoint directory ``path``; a collective of every rank.
 
@@ -293,7 +293,7 @@ def load_stage_checkpoint(
     module: nn.Module,
     optimizers: list[Optimizer],
     weights_only: bool = True,
-    shards: Shards | None = None,
+    shards: Any = None,  # Shards, or checkpoint.dp_shards.DataParallelShards
 ) -> dict[str, Any]:
     """This stage's part of a checkpoint (any saved layout), as a Lightning checkpoint dict; a collective.
 

@@ -1,7 +1,7 @@
 """``ModelParallel`` as a Hydra structured config, registered on import as ``strategy/model_parallel``.
 
 Any Hydra app can then put ``strategy: model_parallel`` in its defaults list (no YAML file of ours needed, so it
-works from a wheel) and override every argument: ``strategy.pipeline_parallel_size=4 strategy.balance=[5,3]``.
+works from a wheel) and override every argument: ``strategy.pipeline_parallel_size=2 strategy.balance=[4,2]``.
 OmegaConf rejects a misspelt key or a wrong scalar type when the config is composed; :func:`build_strategy` checks
 the values that OmegaConf cannot type (``int`` or ``"auto"``, lists, choices) and names the key and the allowed
 values, before any process starts::
@@ -13,14 +13,26 @@ values, before any process starts::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import os
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from lightning_mp.options import check_options
-from lightning_mp.runtime.errors import ConfigError
+from lightning_mp.runtime.errors import ConfigError, ModelSplitError
 
-__all__ = ["ConfigError", "ModelParallelConfig", "build_strategy", "check_strategy_config", "register_configs"]
+__all__ = [
+    "ConfigError",
+    "ModelParallelConfig",
+    "build_strategy",
+    "check_strategy_config",
+    "one_line_errors",
+    "register_configs",
+]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,6 +65,8 @@ class ModelParallelConfig:
     sequence_parallel: bool = False  # tp > 1: activations inside blocks split along the sequence between TP layers
     tensor_parallel_check: str = "error"  # tp > 1: split vs whole at set-up: error | fallback (keep whole) | off
     loss_normalization: str = "auto"  # micro-batch losses weighed by their tokens (auto), samples, or global_tokens
+    data_parallel_sharding: str = "none"  # dp > 1: none | optimizer (ZeRO-1) | gradients (ZeRO-2) | full (ZeRO-3)
+    data_parallel_bucket_size: Any = "25MiB"  # bytes of gradients per data-parallel reduction bucket
 
 
 def check_strategy_config(cfg: Mapping[str, Any], prefix: str = "strategy") -> dict[str, Any]:
@@ -78,6 +92,29 @@ def build_strategy(cfg: Mapping[str, Any], prefix: str = "strategy") -> Any:
     values = check_strategy_config(cfg, prefix)
     values.pop("_target_", None)
     return ModelParallel(**values)
+
+
+def one_line_errors(task: Callable[[Any], T]) -> Callable[[Any], T]:
+    """Wrap a Hydra task function: a :class:`ConfigError` or :class:`ModelSplitError` (a setting or a model that
+    cannot work) ends the run with one line on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+
+    Example:
+        >>> @hydra.main(config_path="conf", config_name="app", version_base="1.3")
+        ... @one_line_errors
+        ... def main(cfg): ...
+    """
+
+    @functools.wraps(task)
+    def run(cfg: Any) -> T:
+        try:
+            return task(cfg)
+        except (ConfigError, ModelSplitError) as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {error} [HYDRA_FULL_ERROR=1 shows the traceback]", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return run
 
 
 def register_configs() -> None:

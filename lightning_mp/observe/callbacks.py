@@ -1,4 +1,4 @@
-"""``PipelineSummary``: what the pipeline did, printed at the end of ``fit`` (steps/s, each stage's busy time, plan)."""
+"""``PipelineSummary``: what the pipeline did, printed at the end of ``fit`` (steps/s, each stage's busy time)."""
 
 from __future__ import annotations
 
@@ -68,9 +68,6 @@ class PipelineSummary(L.Callback):
         for r in sorted(rows, key=lambda r: (r["stage"], r["rank"])):
             share = 100 * r["busy_s"] / r["wall_s"] if r["wall_s"] else 0.0
             lines.append(f"  {r['rank']:>4} {r['stage']:>5} {r['busy_s']:>12.3f} {r['wait_s']:>12.3f} {share:>6.1f}%")
-        if plan is not None:
-            lines.append(plan.format())
-        tp_plan = getattr(strategy, "tp_plan", None)
-        if tp_plan is not None:
-            lines.append(tp_plan.format())
+        if plan is not None:  # the whole plan was printed at start-up: only a reminder here
+            lines.append(f"  balance={plan.balance} ({plan.balance_method}), as in the stage plan printed at start-up")
         rank_zero_info("\n".join(lines))

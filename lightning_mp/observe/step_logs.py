@@ -16,6 +16,7 @@ are sent whole each step: cheap for the usual fixed-size states, growing through
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,3 +140,13 @@ def replay_logs(module: Any, combined: dict[str, tuple[Any, dict[str, Any]]], ba
             module.log(name, value.load_into(module), **kwargs)
         else:
             module.log(name, torch.tensor(value, dtype=torch.float32), **kwargs)
+
+
+SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
+
+
+def silence_sync_dist_advice() -> None:
+    """Without data parallelism every rank logs the same replayed values, so Lightning's advice to log them with
+    ``sync_dist=True`` does not apply (Lightning drops ``sync_dist`` anyway when the strategy reports no data
+    parallelism, then warns that the values were not synchronised): filter that one warning."""
+    warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)

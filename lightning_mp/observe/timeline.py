@@ -152,9 +152,14 @@ class PipelineTimeline(L.Callback):
         schedule, m = runner.schedule, runner.microbatches
         self.report = bubble_report(steps, schedule, m, runner.chunks)
         title = f"{schedule}, {len(steps[0])} stages, {m} micro-batches: bubble {100 * self.report['bubble']:.0f}%"
-        plot_timeline(steps, out / "timeline.png", title + f" (ideal {100 * self.report['bubble_ideal']:.0f}%)")
+        png = plot_timeline(steps, out / "timeline.png", title + f" (ideal {100 * self.report['bubble_ideal']:.0f}%)")
         rank_zero_info(
             f"lightning-mp timeline of the last {len(steps)} steps: {out / 'timeline.json'} (Perfetto,"
-            f" chrome://tracing) and timeline.png; measured bubble {100 * self.report['bubble']:.1f}%, ideal for"
+            f" chrome://tracing) {_png_note(png)}; measured bubble {100 * self.report['bubble']:.1f}%, ideal for"
             f" {schedule} {100 * self.report['bubble_ideal']:.1f}%"
         )
+
+
+def _png_note(png: Path | None) -> str:
+    """What became of the picture: written, or why not."""
+    return f"and {png.name}" if png is not None else "(no timeline.png: matplotlib is not installed)"

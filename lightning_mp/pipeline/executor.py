@@ -1,4 +1,10 @@
-"""Runs one step of a pipeline schedule on one stage: forwards, backwards and the messages between stages."""
+"""Runs one step of a pipeline schedule on one stage: forwards, backwards and the messages between stages.
+
+Each action first receives what it needs, posting the previous action's queued sends in the same batch (or, when it
+receives nothing, posting them alone) before it computes: the order :func:`lightning_mp.plan.schedules.simulate`
+proves free of deadlock when sends block (NCCL). Time is device time (:mod:`lightning_mp.runtime.clock`): spans are
+marks, turned into seconds once at the end of the step.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from lightning_mp.pipeline.stage import StageDone, StageRuntime
 from lightning_mp.pipeline.weight_grads import DeferredWeightGrads
 from lightning_mp.plan.profiling import storage_id
 from lightning_mp.plan.schedules import Action
+from lightning_mp.runtime.clock import clock_for
 from lightning_mp.runtime.messages import P2P, Received
 
 
@@ -56,24 +63,33 @@ class PipelineExecutor:
         self.rank_of_stage = rank_of_stage
         self.keyed = len(runtime.chunks) > 1
         self.activation_checkpointing = activation_checkpointing
+        self.clock = clock_for(p2p.device)  # device time: CUDA events on a GPU, perf_counter on a CPU
         self.time_origin = time.perf_counter()  # spans are relative to it (set alike on every rank after a barrier)
         self._memory = _ActivationMemory()
+        self._marks: list[tuple[str, int, Any, Any]] = []  # this step's spans, as clock marks
+        self._spec_keys: Sequence[Any] | None = None
 
     def run(
         self,
         actions: Sequence[Action],
         run_microbatch: Callable[[int], Any],
         backward_loss: Callable[[int, Tensor], Tensor] | None = None,
+        signatures: Sequence[Any] | None = None,
     ) -> StepResult:
         """Run ``actions``; with ``backward_loss`` (training) the last stage back-propagates
-        ``backward_loss(i, loss_i)`` for micro-batch ``i``."""
+        ``backward_loss(i, loss_i)`` for micro-batch ``i``. ``signatures[i]`` says what shapes micro-batch ``i``'s
+        messages: alike on every stage, it lets them skip the header of a structure sent before (messages.py)."""
         result = StepResult(outputs=[None] * (max(a.microbatch for a in actions) + 1))
         stats = result.stats
-        start = time.perf_counter()
+        self._spec_keys = None if self.keyed else signatures
+        self._marks = []
+        self.clock.start_step()
+        start = self.clock.mark()
         in_flight: dict[tuple[int, int], _InFlight] = {}
         last = len(result.outputs) - 1
         training = backward_loss is not None
-        self._memory.start(self.runtime.parameter_storages() if training else None)
+        measuring = training and self._memory.due()
+        self._memory.start(self.runtime.parameter_storages() if measuring else None)
         deferred = self.deferred if training else None
         if deferred is not None:
             deferred.enabled = True
@@ -102,7 +118,7 @@ class PipelineExecutor:
                         self._run_deferred(stats, keep=self.runtime.plan.num_stages - self.runtime.stage)
             if deferred is not None:
                 self._run_deferred(stats, keep=0)
-            t0 = time.perf_counter()
+            t0 = self.clock.mark()
             self.p2p.wait_sends()
             self._span(stats, "send", -1, t0)
             self.runtime.check_no_bypass()
@@ -110,7 +126,7 @@ class PipelineExecutor:
             if deferred is not None:
                 deferred.clear()
             self.runtime.checkpointing = False
-            stats.wall = time.perf_counter() - start
+            self._settle(stats, start)
             stats.layer_forward = self.runtime.take_layer_forward_times()
             stats.peak_activation_bytes = self._memory.stop()
         return result
@@ -120,9 +136,9 @@ class PipelineExecutor:
         deferred = self.deferred
         assert deferred is not None
         while deferred.has_pending() and (one or len(deferred.pending) > keep):
-            t0 = time.perf_counter()
+            t0 = self.clock.mark()
             microbatch = deferred.run_one()
-            stats.busy += self._span(stats, "W", microbatch, t0)
+            self._span(stats, "W", microbatch, t0)
             if one:
                 return
 
@@ -134,11 +150,29 @@ class PipelineExecutor:
         self._run_deferred(stats, one=True)
         return True
 
-    def _span(self, stats: StepStats, kind: str, microbatch: int, start: float) -> float:
-        """Record a span from ``start`` to now; return its length."""
-        end = time.perf_counter()
-        stats.spans.append((kind, microbatch, start - self.time_origin, end - self.time_origin))
-        return end - start
+    def _span(self, stats: StepStats, kind: str, microbatch: int, start: Any) -> None:
+        """Record a span from the mark ``start`` to now (read in :meth:`_settle`)."""
+        self._marks.append((kind, microbatch, start, self.clock.mark()))
+
+    def _settle(self, stats: StepStats, start: Any) -> None:
+        """Turn the step's marks into spans and busy (F, B, W) and waiting (recv) seconds: one read of the clock."""
+        end = self.clock.mark()
+        marks = [m for _, _, a, b in self._marks for m in (a, b)]
+        seconds = self.clock.seconds([start, *marks, end])
+        origin = self.time_origin
+        for j, (kind, microbatch, _, _) in enumerate(self._marks):
+            t0, t1 = seconds[1 + 2 * j], seconds[2 + 2 * j]
+            stats.spans.append((kind, microbatch, t0 - origin, t1 - origin))
+            if kind == "recv":
+                stats.wait += t1 - t0
+            elif kind != "send":
+                stats.busy += t1 - t0
+        stats.wall = seconds[-1] - seconds[0]
+        self._marks = []
+
+    def _spec_key(self, stage: int, index: int) -> Any:
+        """What the structure of (unkeyed) stage ``stage``'s message about micro-batch ``index`` is known by."""
+        return None if self._spec_keys is None else (stage, self._spec_keys[index])
 
     def _key(self, kind: str, stage: int, index: int) -> tuple[str, int, int] | None:
         """The key of a message to (virtual) stage ``stage`` about micro-batch ``index`` (None: unkeyed)."""
@@ -149,12 +183,14 @@ class PipelineExecutor:
         item = _InFlight()
         index, stage = action.microbatch, action.stage
         if stage > 0:
-            t0 = time.perf_counter()
+            t0 = self.clock.mark()
             label = f"the activation of micro-batch {index}"
             key = self._key("F", stage, index)
-            item.received = self.p2p.recv_activation(self.rank_of_stage(stage - 1), label, key)
-            stats.wait += self._span(stats, "recv", index, t0)
-        t0 = time.perf_counter()
+            source = self.rank_of_stage(stage - 1)
+            item.received = self.p2p.recv_activation(source, label, key, self._spec_key(stage - 1, index))
+            self._span(stats, "recv", index, t0)
+        self.p2p.flush()  # the previous action's sends, when no receive took them along
+        t0 = self.clock.mark()
         self.runtime.begin_forward(item.received, stage)
         output = None
         try:
@@ -165,27 +201,28 @@ class PipelineExecutor:
             self.runtime.abort_forward()
             raise
         captured = self.runtime.end_forward()
-        stats.busy += self._span(stats, "F", index, t0)
+        self._span(stats, "F", index, t0)
         if self.runtime.is_final(stage):
             result.outputs[index] = output
         else:
             label = f"the activation of micro-batch {index}"
-            key = self._key("F", stage + 1, index)
-            item.sent = self.p2p.send_activation(captured, self.rank_of_stage(stage + 1), label, key)
+            key, spec_key = self._key("F", stage + 1, index), self._spec_key(stage, index)
+            item.sent = self.p2p.send_activation(captured, self.rank_of_stage(stage + 1), label, key, spec_key)
         return item
 
     def _backward(self, action: Action, item: _InFlight, stats: StepStats) -> None:
         index, stage = action.microbatch, action.stage
         label = f"the gradient of micro-batch {index}"
         if self.runtime.is_final(stage):
-            t0 = time.perf_counter()
+            self.p2p.flush()
+            t0 = self.clock.mark()
             if item.loss is not None and item.loss.requires_grad:
                 item.loss.backward()
         else:
             source = self.rank_of_stage(stage + 1)
             filling = self.deferred is not None and self.deferred.enabled
             if filling and self.keyed:  # zero_bubble_v: weight gradients fill the wait for the next message
-                t0 = time.perf_counter()
+                t0 = self.clock.mark()
                 outputs, grads = self.p2p.recv_grads(
                     item.sent, source, label, self._key("B", stage, index), lambda: self._fill_one(stats)
                 )
@@ -194,16 +231,17 @@ class PipelineExecutor:
                 pending = self.p2p.irecv_grads(item.sent, source, label)
                 while self.deferred.has_pending() and not pending.ready():  # fill the wait with weight gradients
                     self._run_deferred(stats, one=True)
-                t0 = time.perf_counter()
+                t0 = self.clock.mark()
                 outputs, grads = pending.wait()
             else:
-                t0 = time.perf_counter()
+                t0 = self.clock.mark()
                 outputs, grads = self.p2p.recv_grads(item.sent, source, label, self._key("B", stage, index))
-            stats.wait += self._span(stats, "recv", index, t0)
-            t0 = time.perf_counter()
+            self._span(stats, "recv", index, t0)
+            self.p2p.flush()
+            t0 = self.clock.mark()
             if outputs:
                 torch.autograd.backward(outputs, grads)
-        stats.busy += self._span(stats, "B", index, t0)
+        self._span(stats, "B", index, t0)
         if item.received is not None:
             key = self._key("B", stage - 1, index)
             self.p2p.send_grads(item.received, self.rank_of_stage(stage - 1), label, key)
@@ -213,13 +251,26 @@ class _ActivationMemory:
     """Bytes of the tensors each in-flight micro-batch saved for its backward (parameters excluded), and the peak of
     their sum over a step: what a schedule's in-flight micro-batches cost in memory, on any device."""
 
+    # A hook on every saved tensor costs ~30 µs each: count the first steps, then one in SAMPLE_EVERY, and report
+    # the last count in between (activation memory follows the shapes, which change little from step to step).
+    FIRST_STEPS = 3
+    SAMPLE_EVERY = 25
+
     def __init__(self) -> None:
         self.params: set[int] | None = None
         self.held: dict[Any, int] = {}  # bytes by in-flight (micro-batch, stage)
         self.peak = 0
+        self.steps = 0
+
+    def due(self) -> bool:
+        """Whether this training step counts its activation memory."""
+        self.steps += 1
+        return self.steps <= self.FIRST_STEPS or self.steps % self.SAMPLE_EVERY == 0
 
     def start(self, param_storages: set[int] | None) -> None:
-        self.params, self.held, self.peak = param_storages, {}, 0
+        self.params, self.held = param_storages, {}
+        if param_storages is not None:
+            self.peak = 0
 
     @contextlib.contextmanager
     def saving(self, microbatch: Any) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,25 @@ class GradStash:
     def end(self, scale: float = 1.0) -> None:
         """After the step: take its gradients out (multiplied by ``scale``) and put the accumulated ones back."""
         self._step_grads = [(p, p.grad) for p, _ in self._held if p.grad is not None]
-        if scale != 1.0:
+        if scale != 1.0 and self._step_grads:  # (a stage with nothing to train has none)
             torch._foreach_mul_([g for _, g in self._step_grads], scale)
         for p, held in self._held:
             p.grad = held
         self._held = []
+
+    def held_grads(self) -> dict[int, Tensor]:
+        """During a step: the gradients accumulated before it, by parameter id."""
+        return {id(p): g for p, g in self._held if g is not None}
+
+    def step_grads(self) -> dict[int, Tensor]:
+        """After a step: its gradients (scaled), by parameter id, still to be handed over."""
+        return {id(p): g for p, g in self._step_grads}
+
+    def take(self) -> dict[int, Tensor]:
+        """After a step: its gradients, taken over by someone else (``restore`` then adds nothing)."""
+        taken = self.step_grads()
+        self._step_grads = []
+        return taken
 
     def restore(self) -> None:
         """In Lightning's ``backward``: add the step's gradients to ``.grad`` (which Lightning may have zeroed)."""
@@ -117,16 +132,33 @@ class GradientSync:
     dp_group: dist.ProcessGroup | None = None
     norm_group: dist.ProcessGroup | None = None
     norm_skip: set[int] = field(default_factory=set)
+    # with dp > 1: the bucketed, overlapped reduction (and sharded optimizer) of pipeline/sharding.py
+    sharding: Any = None
 
-    def sync(self, params: Sequence[nn.Parameter]) -> None:
-        """Sum tied and partial gradients, then average ``params``' gradients over the replicas."""
+    def sum_late(self) -> None:
+        """Sum tied and tensor-parallel partial gradients over the ranks that each computed a part of them."""
         for tied, group in self.shared:
             all_reduce_grads(tied, group, "sum")
         if self.partial and self.tp_group is not None:
             all_reduce_grads(self.partial, self.tp_group, "sum")
+
+    def late_params(self) -> set[int]:
+        """Ids of the parameters :meth:`sum_late` sums: reduced over the replicas only after it."""
+        return {id(p) for tied, _ in self.shared for p in tied} | {id(p) for p in self.partial}
+
+    def sync(self, params: Sequence[nn.Parameter]) -> None:
+        """Sum tied and partial gradients, then average ``params``' gradients over the replicas (with bucketed
+        reduction: wait for the buckets the step launched, which summed the tied and partial ones first)."""
+        if self.sharding is not None:
+            self.sharding.finish()
+            return
+        self.sum_late()
         if self.dp_group is not None:
             all_reduce_grads([p for p in params if p.requires_grad], self.dp_group, "avg")
 
     def clip(self, params: Sequence[nn.Parameter], max_norm: float) -> None:
-        """Clip ``params`` by the norm over every stage and tp rank of the replica."""
+        """Clip ``params`` by the norm over every stage and tp rank of the replica (sharded: over the shards)."""
+        if self.sharding is not None and self.sharding.level != "none":
+            self.sharding.clip(max_norm, self.norm_group, self.norm_skip)
+            return
         clip_by_global_norm(list(params), max_norm, self.norm_group, {id(p) for p in params} - self.norm_skip)

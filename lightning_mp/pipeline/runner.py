@@ -30,6 +30,7 @@ from lightning_mp.pipeline.stage import StageRuntime
 from lightning_mp.pipeline.weight_grads import DeferredWeightGrads
 from lightning_mp.plan.schedules import DEFERRING, build_schedule, forward_only
 from lightning_mp.runtime.messages import P2P, all_gather_objects, broadcast_object
+from lightning_mp.runtime.tree import tree_leaves
 
 log = logging.getLogger("lightning_mp")
 
@@ -93,6 +94,8 @@ class PipelineRunner:
         self._advised = False
         # around every step's forwards and backwards (tensor parallelism's vocabulary-parallel loss)
         self.step_context: Callable[[], AbstractContextManager[Any]] = nullcontext
+        # fp16: the precision plugin's GradScaler.scale, applied to every micro-batch's backward loss (loss_scaling.py)
+        self.scale_loss: Callable[[Tensor], Tensor] | None = None
 
     def _layers_per_rank(self) -> list[int]:
         plan = self.runtime.plan
@@ -175,8 +178,15 @@ class PipelineRunner:
         else:
             actions = build_schedule(self.schedule, stage, stages, len(microbatches), self.chunks)
         run = self._step_fn(hook, microbatches, rest, records, losses)
+        backward_loss = None
+        if loss_scale is not None:
+            backward_loss = losses.backward_loss
+            scale = self.scale_loss
+            if scale is not None:  # the gradients every stage receives are scaled alike
+                backward_loss = lambda i, loss: scale(losses.backward_loss(i, loss))  # noqa: E731
+                scale(torch.zeros((), device=self.device))  # every rank's scaler holds its scale (unscale_ needs it)
         with self.step_context():
-            result = self.executor.run(actions, run, losses.backward_loss if loss_scale is not None else None)
+            result = self.executor.run(actions, run, backward_loss, signatures(microbatches, hook))
         return result, records, losses, sum(sizes)
 
     def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, losses: StepLosses):
@@ -244,3 +254,22 @@ class PipelineRunner:
         if len(self.pp_ranks) == 1:
             return obj
         return broadcast_object(obj, self.pp_ranks[self.final_rank], self.pp_group, self.device)
+
+
+def signatures(microbatches: Sequence[Any], hook: str) -> list[Any]:
+    """What each micro-batch's stage messages are shaped by, alike on every stage of the pipeline (they all hold the
+    same micro-batches): the hook, the grad mode and the micro-batch's tensor shapes and dtypes and plain constants.
+    Messages between stages send their structure once per signature (runtime/messages.py)."""
+    grad = torch.is_grad_enabled()
+    return [
+        (hook, grad, tuple(_leaf_signature(leaf) for leaf in tree_leaves(microbatch, _is_signature_leaf)))
+        for microbatch in microbatches
+    ]
+
+
+def _is_signature_leaf(obj: Any) -> bool:
+    return isinstance(obj, (Tensor, int, float, str, bytes))  # (a string may be tokenized into any length)
+
+
+def _leaf_signature(leaf: Any) -> Any:
+    return (tuple(leaf.shape), leaf.dtype) if isinstance(leaf, Tensor) else leaf

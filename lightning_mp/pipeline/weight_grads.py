@@ -7,8 +7,10 @@ input gradient in the backward and queue the weight-gradient product; the execut
 would otherwise wait on a receive, and the rest before the step ends. The products are the ones autograd would
 compute (``grad_out^T @ input``), accumulated into ``.grad`` the same way, so the numbers do not change.
 
-Only plain ``nn.Linear`` modules of the stage's own layers are deferred (not under autocast: there the regular path
-runs); every other parameter gets its gradient in the backward as usual.
+Only plain ``nn.Linear`` modules of the stage's own layers are deferred; every other parameter gets its gradient in
+the backward as usual. Under autocast the product is deferred too, computed as autocast computes it: on the inputs
+and weight cast to the autocast dtype (the casts stay in the graph, so the input gradient flows back through them),
+the deferred weight gradient cast back to the parameter's dtype before it is accumulated, as a cast's backward does.
 """
 
 from __future__ import annotations
@@ -40,18 +42,19 @@ class DeferredWeightGrads:
 
     def defers(self, weight: Tensor, inputs: Tensor) -> bool:
         """Whether a linear layer's product with ``weight`` defers its weight gradient now."""
-        return (
-            self.enabled
-            and torch.is_grad_enabled()
-            and weight.requires_grad
-            and not torch.is_autocast_enabled(inputs.device.type)
-        )
+        return self.enabled and torch.is_grad_enabled() and weight.requires_grad
 
     def linear(self, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear``, its weight (and bias) gradient queued when deferring."""
-        if self.defers(weight, inputs):
-            return _LinearInputGradOnly.apply(inputs, weight, bias, self, self.microbatch)
-        return F.linear(inputs, weight, bias)
+        if not self.defers(weight, inputs):
+            return F.linear(inputs, weight, bias)
+        device = inputs.device.type
+        if not torch.is_autocast_enabled(device):
+            return _LinearInputGradOnly.apply(inputs, weight, bias, self, self.microbatch, weight, bias)
+        dtype = torch.get_autocast_dtype(device)  # autocast runs linear in its lower precision: cast as it would
+        cast = [t if t is None else t.to(dtype) for t in (inputs, weight, bias)]
+        with torch.autocast(device, enabled=False):
+            return _LinearInputGradOnly.apply(*cast, self, self.microbatch, weight, bias)
 
     def defer(self, microbatch: int, weight: Tensor, bias: Tensor | None, inputs: Tensor, grad_out: Tensor) -> None:
         self.pending.setdefault(microbatch, []).append((weight, bias, inputs, grad_out))
@@ -66,9 +69,9 @@ class DeferredWeightGrads:
         if not items:
             del self.pending[microbatch]
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        _accumulate(weight, g.t().mm(inputs.reshape(-1, inputs.shape[-1])))
+        _accumulate(weight, g.t().mm(inputs.reshape(-1, inputs.shape[-1])).to(weight.dtype))
         if bias is not None:
-            _accumulate(bias, g.sum(0))
+            _accumulate(bias, g.sum(0).to(bias.dtype))
         return microbatch
 
     def clear(self) -> None:
@@ -85,22 +88,35 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
 
 
 class _LinearInputGradOnly(torch.autograd.Function):
-    """``F.linear`` whose backward returns the input gradient and queues the weight and bias gradients."""
+    """``F.linear`` whose backward returns the input gradient and queues the weight and bias gradients.
+
+    ``weight``/``bias`` are what the product uses (under autocast, the parameters' casts), ``param``/``bias_param``
+    the parameters whose ``.grad`` receives the queued gradient.
+    """
 
     @staticmethod
-    def forward(ctx: Any, inputs: Tensor, weight: Tensor, bias: Tensor | None, queue: Any, microbatch: int) -> Tensor:
+    def forward(
+        ctx: Any,
+        inputs: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        queue: Any,
+        microbatch: int,
+        param: Tensor,
+        bias_param: Tensor | None,
+    ) -> Tensor:
         ctx.save_for_backward(inputs)
         # the parameters themselves, not saved tensors: a saved tensor may come back as an alias (saved-tensor
         # hooks), and the queued gradient must land in the parameter's own .grad
-        ctx.weight, ctx.bias, ctx.queue, ctx.microbatch = weight, bias, queue, microbatch
+        ctx.weight, ctx.param, ctx.bias, ctx.queue, ctx.microbatch = weight, param, bias_param, queue, microbatch
         return F.linear(inputs, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         (inputs,) = ctx.saved_tensors
         grad_in = grad_out.matmul(ctx.weight) if ctx.needs_input_grad[0] else None
-        ctx.queue.defer(ctx.microbatch, ctx.weight, ctx.bias if ctx.needs_input_grad[2] else None, inputs, grad_out)
-        return grad_in, None, None, None, None
+        ctx.queue.defer(ctx.microbatch, ctx.param, ctx.bias if ctx.needs_input_grad[2] else None, inputs, grad_out)
+        return grad_in, None, None, None, None, None, None
 
 
 def _deferring_linear_class(queue: DeferredWeightGrads) -> type[nn.Linear]:

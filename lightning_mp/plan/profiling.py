@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_mp.plan.discovery import ModelLayers
+from lightning_mp.runtime.clock import synchronized_timer
 from lightning_mp.runtime.messages import flatten
 
 
@@ -116,7 +117,9 @@ def profile_layers(
     """
     on_meta = any(p.is_meta for p in module.parameters())
     counter = FlopCounterMode(display=False) if on_meta else None
-    clock = (lambda: float(counter.get_total_flops())) if counter is not None else time.perf_counter
+    device = next((p.device for p in module.parameters()), None)
+    # on a GPU, host time is launch time: each stamp waits for the queued work first (set-up runs this once)
+    clock = (lambda: float(counter.get_total_flops())) if counter is not None else synchronized_timer(device)
     warmups, repeats = (0, 1) if on_meta else (2, repeats)
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     grads = {p: p.grad for p in module.parameters()}

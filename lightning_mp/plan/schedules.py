@@ -1,10 +1,11 @@
 """Pipeline schedules as data: the ordered forward/backward actions each stage runs in one step.
 
 A schedule is a pure function of (stage, number of stages, number of micro-batches[, chunks per rank]); the
-executor turns its actions into computation and point-to-point messages. Sends are posted asynchronously and each
-rank blocks only on the receive its next action needs, so any order below in which every stage runs the forwards in
-micro-batch order and the backwards in micro-batch order is free of deadlock; the interleaved schedule, whose ranks
-run several virtual stages, is checked by :func:`simulate` before use.
+executor turns its actions into computation and point-to-point messages. :func:`simulate` checks that orders
+complete: with buffered sends (gloo; the interleaved schedule is checked so before use), and, with ``blocking=True``,
+under NCCL's rendezvous semantics, where a send completes only once the peer's receive is posted and a rank's
+operations run one batch after the other on one stream (:func:`comm_program` builds those batches as the executor
+posts them: each action's receive together with the previous action's sends).
 """
 
 from __future__ import annotations
@@ -181,9 +182,134 @@ def play_out(orders: Sequence[Sequence[Action]], num_virtual: int) -> Iterator[t
                 moved = True
 
 
-def simulate(orders: Sequence[Sequence[Action]], num_virtual: int) -> bool:
-    """Whether every rank runs its order to the end (:func:`play_out`); False means the orders would deadlock."""
-    return sum(1 for _ in play_out(orders, num_virtual)) == sum(len(order) for order in orders)
+def simulate(
+    orders: Sequence[Sequence[Action]],
+    num_virtual: int,
+    blocking: bool = False,
+    ranks: Sequence[int] | None = None,
+    headers: bool = False,
+    batched: bool = True,
+) -> bool:
+    """Whether every rank runs its order to the end; False means the orders would deadlock.
+
+    Without ``blocking``, sends never block (:func:`play_out`). With it, the messages :func:`comm_program` derives
+    (``ranks[k]``: the rank of virtual stage k, by default k % len(orders)) are played out with blocking sends
+    (:func:`play_out_blocking`)."""
+    if not blocking:
+        return sum(1 for _ in play_out(orders, num_virtual)) == sum(len(order) for order in orders)
+    ranks = list(ranks) if ranks is not None else [k % len(orders) for k in range(num_virtual)]
+    return play_out_blocking(comm_program(orders, ranks, headers, batched))
+
+
+Op = tuple[int, int, tuple[str, int, int], str]  # (source rank, destination rank, message, part)
+
+
+def comm_program(
+    orders: Sequence[Sequence[Action]], ranks: Sequence[int], headers: bool = False, batched: bool = True
+) -> list[list[set[Op]]]:
+    """Each rank's point-to-point operations as the executor posts them: a list of batches, run in order.
+
+    A message ("F", k, i) carries micro-batch i's activation into stage k, ("B", k, i) its gradient into stage k;
+    messages between stages on one rank are handed over locally. ``batched`` (the executor): an action's receive
+    goes out together with the sends queued since the last post, headers in one batch and tensors in the next (a
+    receiver posts a message's tensors only once it has read its header), and sends with nothing to receive go out
+    before the next computation; otherwise (the old executor) every operation is its own batch, sends posted at
+    once. A keyed message (several stages per rank) is read in the sender's order, earlier ones kept, each with its
+    header; with ``headers`` (a step with new shapes) an unkeyed activation carries one too.
+    """
+    p, last = len(orders), len(ranks) - 1
+    keyed = len(ranks) > p
+
+    def sends_of(a: Action) -> list[tuple[int, tuple[str, int, int]]]:
+        out = []
+        if a.kind == "F" and a.stage < last:
+            out.append((ranks[a.stage + 1], ("F", a.stage + 1, a.microbatch)))
+        if a.kind == "B" and a.stage > 0:
+            out.append((ranks[a.stage - 1], ("B", a.stage - 1, a.microbatch)))
+        return out
+
+    def has_header(msg: tuple[str, int, int]) -> bool:
+        return keyed or (headers and msg[0] == "F")
+
+    sent_to: dict[tuple[int, int], list[tuple[str, int, int]]] = {}  # (src, dst) -> messages in send order
+    for r, order in enumerate(orders):
+        for a in order:
+            for dst, msg in sends_of(a):
+                if dst != r:
+                    sent_to.setdefault((r, dst), []).append(msg)
+    programs: list[list[set[Op]]] = []
+    for r, order in enumerate(orders):
+        batches: list[set[Op]] = []
+        outbox: dict[str, set[Op]] = {"header": set(), "tensors": set()}
+        read = dict.fromkeys(range(p), 0)  # messages read from each source (keyed: in its order)
+        stash: set[tuple[str, int, int]] = set()
+
+        def post(part: str, ops: set[Op], batches: list[set[Op]] = batches, outbox: dict = outbox) -> None:
+            if batched:
+                if outbox[part] | ops:
+                    batches.append(outbox[part] | ops)
+                outbox[part] = set()
+            else:
+                batches.extend({op} for op in sorted(ops))
+
+        for a in order:
+            wanted = None
+            if a.kind == "F" and a.stage > 0 and ranks[a.stage - 1] != r:
+                wanted = (ranks[a.stage - 1], ("F", a.stage, a.microbatch))
+            if a.kind == "B" and a.stage < last and ranks[a.stage + 1] != r:
+                wanted = (ranks[a.stage + 1], ("B", a.stage, a.microbatch))
+            if wanted is not None and wanted[1] not in stash:
+                src, msg = wanted
+                queue = sent_to.get((src, r), [])
+                while True:
+                    got = queue[read[src]] if keyed else msg
+                    read[src] += 1
+                    post("header", {(src, r, got, "header")} if has_header(got) else set())
+                    post("tensors", {(src, r, got, "tensors")})
+                    if got == msg:
+                        break
+                    stash.add(got)
+            else:
+                if wanted is not None:
+                    stash.discard(wanted[1])
+                post("header", set())
+                post("tensors", set())
+            for dst, msg in sends_of(a):  # computed: its sends are queued (posted at once without batching)
+                if dst == r:
+                    continue
+                for part in ("header", "tensors") if has_header(msg) else ("tensors",):
+                    if batched:
+                        outbox[part].add((r, dst, msg, part))
+                    else:
+                        batches.append({(r, dst, msg, part)})
+        post("header", set())
+        post("tensors", set())
+        programs.append(batches)
+    return programs
+
+
+def play_out_blocking(programs: Sequence[Sequence[set[Op]]]) -> bool:
+    """Whether every rank gets through its batches when sends block: an operation completes once the source's and
+    the destination's current batches both hold it; a batch completes when all its operations have."""
+    pos = [0] * len(programs)
+    done: list[set[Op]] = [set() for _ in programs]
+    moved = True
+    while moved:
+        moved = False
+        for r, batches in enumerate(programs):
+            while pos[r] < len(batches):
+                batch = batches[pos[r]]
+                for op in batch - done[r]:
+                    other = op[1] if op[0] == r else op[0]
+                    if pos[other] < len(programs[other]) and op in programs[other][pos[other]]:
+                        done[r].add(op)
+                        done[other].add(op)
+                if len(done[r]) < len(batch):
+                    break
+                pos[r] += 1
+                done[r] = set()
+                moved = True
+    return all(pos[r] == len(batches) for r, batches in enumerate(programs))
 
 
 def forward_only(

@@ -1,10 +1,22 @@
 """Point-to-point messages between neighbouring stages: any structure of tensors, with shapes that may change.
 
 A forward message carries what a stage's last block returned: a tensor, or a tuple/list/dict/dataclass of
-tensors and constants. It travels as a pickled header in one fixed-size frame (the structure, and each tensor's
-shape, dtype and whether it needs a gradient) followed by one message per tensor, so the sequence length may change
-from micro-batch to micro-batch with no agreement beforehand. Gradients travel back without a header: the receiver
-knows their shapes from the forward message. Sends are asynchronous; their handles are kept until the step ends.
+tensors and constants. Its structure (each tensor's shape, dtype and whether it needs a gradient) travels as a
+pickled header in one fixed-size frame before the tensors, so shapes may change from micro-batch to micro-batch.
+The header is sent only when the receiver cannot know it: a message given a ``spec_key`` (the executor's: the
+sending stage and the micro-batch's own shapes, which every stage of a pipeline holds alike) sends its header the
+first time that key is used between two ranks; both sides keep the structure under the key, so a steady-state step
+sends no header and reads nothing on the host. A message whose structure changes under a key it was seen with
+before fails at once, naming the fix. Gradients travel back without a header: the receiver knows their shapes from
+the forward message.
+
+Why batches: NCCL's point-to-point is a rendezvous (a send completes only when the peer posts the receive) and one
+rank's operations run in order on one stream, so "stage 0 sends a2 then receives g0" against "stage 1 sends g0 then
+receives a2" hangs once messages are large. Sends are therefore queued, not posted, and go out together with the
+next receive in one ``batch_isend_irecv`` (or on their own, :meth:`P2P.flush`, before the next computation): the
+operations of one batch progress together, and :func:`lightning_mp.plan.schedules.simulate` proves every schedule
+free of deadlock under these semantics. On gloo, whose sends are buffered, the same operations are posted one by one
+(the same order, less Python per message). A send's buffer is released as soon as that send completes.
 
 With interleaved schedules two ranks exchange the messages of several virtual stages, in orders each rank's
 schedule decides: there every message, gradients included, carries a key (direction, stage, micro-batch) in its
@@ -141,6 +153,8 @@ def load_object(data: bytes, device: torch.device) -> Any:
 
 # ---- messages ---------------------------------------------------------------------------------------------------
 
+SPECS_PER_PEER = 1024  # structures kept per peer; both sides clear at the same message, so they stay in step
+
 
 @dataclasses.dataclass
 class TensorMeta:
@@ -159,6 +173,16 @@ class Received:
 
 
 @dataclasses.dataclass
+class MessageCounts:
+    """What this rank has posted: tensor operations (``messages``, sends and receives), ``headers`` sent (pickled
+    structures) and ``batches`` (posts of one or more operations). Counted for tests and benchmarks."""
+
+    messages: int = 0
+    headers: int = 0
+    batches: int = 0
+
+
+@dataclasses.dataclass
 class PendingGrads:
     """Gradients being received (:meth:`P2P.irecv_grads`)."""
 
@@ -174,21 +198,17 @@ class PendingGrads:
 
     def wait(self) -> tuple[list[Tensor], list[Tensor]]:
         """(tensors, gradients) once every gradient has arrived."""
-        with self.p2p._waiting(self.src, f"receive {self.label}"):
-            for work in self.works:
-                try:
-                    work.wait()
-                except RuntimeError as err:
-                    raise self.p2p._error("receive", self.label, self.src, err) from err
+        self.p2p._wait(self.works, self.src, self.label)
         return self.outputs, self.grads
 
 
 class P2P:
-    """Sends and receives stage messages to and from global ranks, keeping the handles of pending sends.
+    """Sends and receives stage messages to and from global ranks (see the module docstring for the protocol).
 
     Each operation carries a label ("the activation of micro-batch 3"): a failed or timed-out operation raises a
     :class:`PipelineError` naming this rank, the label, the direction and the peer (and, with a ``watch``, the
-    first failure another rank reported, which is usually the cause).
+    first failure another rank reported, which is usually the cause). ``batched`` (default: on any backend but
+    gloo) posts each step's operations with ``batch_isend_irecv``.
     """
 
     def __init__(
@@ -197,37 +217,78 @@ class P2P:
         group: dist.ProcessGroup | None = None,
         watch: FailureWatch | None = None,
         describe: Callable[[int], str] = lambda rank: f"rank {rank}",
+        batched: bool | None = None,
     ) -> None:
         self.device = device
         self.group = group
         self.watch = watch
         self.describe = describe
-        self._pending: list[tuple[Any, Tensor, int, str]] = []
+        self.batched = batched
+        self.counts = MessageCounts()
+        self._outbox: list[tuple[Tensor, int, str]] = []  # sends queued until the next receive or flush
+        self._sending: list[tuple[Any, Tensor, int, str]] = []  # posted sends, kept until complete
         self._stash: dict[tuple[int, Any], Received] = {}  # keyed messages read ahead of their turn, by (src, key)
+        self._sent_specs: dict[int, dict[Any, tuple[Any, list[TensorMeta]]]] = {}  # by destination, by spec_key
+        self._recv_specs: dict[int, dict[Any, tuple[Any, list[TensorMeta]]]] = {}  # by source, by spec_key
+        # on a device whose receives return before the data arrives (NCCL), the watch follows the posted works
+        self._track = watch is not None and device.type != "cpu"
 
     # forward direction -----------------------------------------------------------------------------------------
-    def send_activation(self, value: Any, dst: int, label: str = "an activation", key: Any = None) -> list[Tensor]:
-        """Send ``value`` to ``dst``; return its tensors (the ones whose gradients will come back). With ``key`` the
-        message is keyed (see the module docstring) and must be received by :meth:`recv_activation` with it."""
+    def send_activation(
+        self, value: Any, dst: int, label: str = "an activation", key: Any = None, spec_key: Any = None
+    ) -> list[Tensor]:
+        """Queue ``value`` for ``dst``; return its tensors (the ones whose gradients will come back). With ``key`` the
+        message is keyed (see the module docstring) and must be received by :meth:`recv_activation` with it; with
+        ``spec_key`` (unkeyed messages) its header goes only the first time the key is used towards ``dst``."""
         tensors, spec = flatten(value)
         metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+        seen = None
         if key is not None and dist.is_initialized() and dst == dist.get_rank():  # the next stage is on this rank
             copies = [t.detach().clone().requires_grad_(m.requires_grad and torch.is_grad_enabled()) for t, m in
                       zip(tensors, metas)]  # fmt: skip
             self._stash[(dst, key)] = Received(unflatten(spec, copies), copies, metas)
             return tensors
-        header = (spec, metas) if key is None else (key, spec, metas)
-        for frame in encode_frames(pickle.dumps(header), self.device):
-            self._isend(frame, dst, label)
+        if key is None and spec_key is not None:
+            known = self._sent_specs.setdefault(dst, {})
+            seen = known.get(spec_key)
+            if seen is None:
+                _remember(known, spec_key, (spec, metas))
+            elif seen[1] != metas or not _same(seen[0], spec):
+                before, now = [m.shape for m in seen[1]], [m.shape for m in metas]
+                raise PipelineError(
+                    f"{label} changed structure or shapes ({before} before, {now} now) for micro-batches of the same"
+                    " shapes: a stage's output must depend on the shapes"
+                    " of the batch only, not on its values (the next stage posts its receive from the shapes). Make"
+                    " the blocks' outputs the same for same-shaped batches, e.g. pad instead of trimming."
+                )
+        if key is not None or spec_key is None or seen is None:  # the receiver cannot know the structure
+            header = (spec, metas) if key is None else (key, spec, metas)
+            for frame in encode_frames(pickle.dumps(header), self.device):
+                self._outbox.append((frame, dst, label))
+                self.counts.headers += 1
         for t in tensors:
-            self._isend(t.detach().contiguous(), dst, label)
+            self._outbox.append((t.detach().contiguous(), dst, label))
         return tensors
 
-    def recv_activation(self, src: int, label: str = "an activation", key: Any = None) -> Received:
+    def recv_activation(
+        self, src: int, label: str = "an activation", key: Any = None, spec_key: Any = None
+    ) -> Received:
         """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
         if key is not None:
             return self._recv_keyed(src, key, label)
-        (spec, metas), tensors = self._recv_message(src, label)
+        known = self._recv_specs.setdefault(src, {}) if spec_key is not None else None
+        cached = known.get(spec_key) if known is not None else None
+        if cached is None:
+            header, tensors = self._recv_message(src, label)
+            if known is not None:
+                _remember(known, spec_key, header)
+            spec, metas = header
+        else:
+            spec, metas = cached
+            tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas]
+            self._wait(self._post([], [(t, src) for t in tensors], label), src, label)
+            for t, m in zip(tensors, metas):
+                t.requires_grad_(m.requires_grad and torch.is_grad_enabled())
         return Received(unflatten(spec, tensors), tensors, metas)
 
     def _recv_message(self, src: int, label: str, first: Tensor | None = None) -> tuple[Any, list[Tensor]]:
@@ -235,44 +296,36 @@ class P2P:
         header's last item is the tensors' metas."""
         if first is None:
             first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-            self._recv(first, src, label)
+            self._wait(self._post([], [(first, src)], label), src, label)
         rest = None
         if frame_overflow(first):
             rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
-            self._recv(rest, src, label)
+            self._wait(self._post([], [(rest, src)], label), src, label)
         header = pickle.loads(decode_frames(first, rest))
-        tensors = []
-        for meta in header[-1]:
-            t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            self._recv(t, src, label)
-            tensors.append(t.requires_grad_(meta.requires_grad and torch.is_grad_enabled()))
+        tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in header[-1]]
+        if tensors:
+            self._wait(self._post([], [(t, src) for t in tensors], label), src, label)
+        for t, meta in zip(tensors, header[-1]):
+            t.requires_grad_(meta.requires_grad and torch.is_grad_enabled())
         return header, tensors
 
     def _recv_keyed(self, src: int, key: Any, label: str, fill: Callable[[], bool] | None = None) -> Received:
         """The message ``key`` from ``src``, reading (and keeping) the ones sent before it. While no message has
         started to arrive, ``fill()`` runs other work (until it returns False: nothing left)."""
         while (src, key) not in self._stash:
-            first = None
+            first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+            works = self._post([], [(first, src)], label)
             if fill is not None:
-                first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-                try:
-                    work = dist.irecv(first, src, group=self.group)
-                except RuntimeError as err:
-                    raise self._error("receive", label, src, err) from err
-                while not work.is_completed() and fill():
+                while not all(w.is_completed() for w in works) and fill():
                     pass
-                with self._waiting(src, f"receive {label}"):
-                    try:
-                        work.wait()
-                    except RuntimeError as err:
-                        raise self._error("receive", label, src, err) from err
+            self._wait(works, src, label)
             (found, spec, metas), tensors = self._recv_message(src, label, first)
             self._stash[(src, found)] = Received(unflatten(spec, tensors), tensors, metas)
         return self._stash.pop((src, key))
 
     # backward direction ----------------------------------------------------------------------------------------
     def send_grads(self, received: Received, dst: int, label: str = "a gradient", key: Any = None) -> None:
-        """Send the gradients of the received leaves that needed one (zeros where none arrived)."""
+        """Queue the gradients of the received leaves that needed one (zeros where none arrived)."""
         grads = [
             (t.grad if t.grad is not None else torch.zeros_like(t)).contiguous()
             for t, meta in zip(received.tensors, received.metas)
@@ -282,7 +335,7 @@ class P2P:
             self.send_activation([g.detach() for g in grads], dst, label, key)
             return
         for grad in grads:
-            self._isend(grad, dst, label)
+            self._outbox.append((grad, dst, label))
 
     def recv_grads(
         self,
@@ -294,54 +347,78 @@ class P2P:
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward. A keyed
         receive runs ``fill()`` while it waits (see :meth:`_recv_keyed`)."""
-        outputs = [t for t in sent if t.requires_grad]
         if key is not None:
+            outputs = [t for t in sent if t.requires_grad]
             return outputs, list(self._recv_keyed(src, key, label, fill).value)
-        grads = []
-        for t in outputs:
-            g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-            self._recv(g, src, label)
-            grads.append(g)
-        return outputs, grads
+        return self.irecv_grads(sent, src, label).wait()
 
     def irecv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> PendingGrads:
-        """Post the receives of :meth:`recv_grads` without waiting; the caller may work until they are ready."""
-        outputs, grads, works = [], [], []
-        for t in sent:
-            if t.requires_grad:
-                g = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                try:
-                    works.append(dist.irecv(g, src, group=self.group))
-                except RuntimeError as err:
-                    raise self._error("receive", label, src, err) from err
-                outputs.append(t)
-                grads.append(g)
+        """Post the receives of :meth:`recv_grads` (with the queued sends) without waiting; the caller may work until
+        they are ready."""
+        outputs = [t for t in sent if t.requires_grad]
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in outputs]
+        works = self._post([], [(g, src) for g in grads], label) if grads or self._outbox else []
         return PendingGrads(self, outputs, grads, works, src, label)
 
     # plumbing --------------------------------------------------------------------------------------------------
-    def _isend(self, tensor: Tensor, dst: int, label: str) -> None:
-        try:
-            work = dist.isend(tensor, dst, group=self.group)
-        except RuntimeError as err:
-            raise self._error("send", label, dst, err) from err
-        self._pending.append((work, tensor, dst, label))
+    def flush(self) -> None:
+        """Post the queued sends now (before a computation that receives nothing first)."""
+        if self._outbox:
+            self._post([], [], "")
 
-    def _recv(self, tensor: Tensor, src: int, label: str) -> None:
+    def _post(self, sends: list[tuple[Tensor, int, str]], recvs: list[tuple[Tensor, int]], label: str) -> list[Any]:
+        """Post the queued sends, ``sends`` and the receives ``recvs`` together; return the receives' works."""
+        sends = self._outbox + sends
+        self._outbox = []
+        if self._sending:  # release the buffers of the sends that have completed
+            self._sending = [s for s in self._sending if not s[0].is_completed()]
+        if self.batched is None:  # gloo buffers its sends: posting one by one is as safe, and cheaper
+            self.batched = dist.get_backend(self.group) != "gloo"
+        batched = self.batched
+        counts = self.counts
+        counts.batches += 1
+        counts.messages += len(sends) + len(recvs)
+        try:
+            if batched:
+                ops = [dist.P2POp(dist.isend, t, dst, self.group) for t, dst, _ in sends]
+                ops += [dist.P2POp(dist.irecv, t, src, self.group) for t, src in recvs]
+                works = dist.batch_isend_irecv(ops) if ops else []
+                if len(works) != len(ops):  # one work for the whole batch (NCCL's coalesced group)
+                    works = works[:1] * len(ops)
+            else:
+                works = [dist.isend(t, dst, group=self.group) for t, dst, _ in sends]
+                works += [dist.irecv(t, src, group=self.group) for t, src in recvs]
+        except RuntimeError as err:
+            peer = recvs[0][1] if recvs else sends[0][1]
+            raise self._error("receive" if recvs else "send", label or sends[0][2], peer, err) from err
+        n = len(sends)
+        for work, (t, dst, what) in zip(works, sends):
+            self._sending.append((work, t, dst, what))
+        if self._track and self.watch is not None:
+            for work, (_, dst, what) in zip(works, sends):
+                self.watch.track(work, dst, f"send {what}")
+            for work, (_, src) in zip(works[n:], recvs):
+                self.watch.track(work, src, f"receive {label}")
+        return works[n:]
+
+    def _wait(self, works: list[Any], src: int, label: str) -> None:
         with self._waiting(src, f"receive {label}"):
-            try:
-                dist.recv(tensor, src, group=self.group)
-            except RuntimeError as err:
-                raise self._error("receive", label, src, err) from err
+            for work in works:
+                try:
+                    work.wait()
+                except RuntimeError as err:
+                    raise self._error("receive", label, src, err) from err
 
     def wait_sends(self) -> None:
-        """Block until every send posted so far has completed (their buffers may then be freed)."""
-        for work, _, dst, label in self._pending:
+        """Post the queued sends and block until every send posted so far has completed (their buffers are freed)."""
+        self.flush()
+        for work, _, dst, label in self._sending:
             with self._waiting(dst, f"send {label}"):
                 try:
                     work.wait()
                 except RuntimeError as err:
                     raise self._error("send", label, dst, err) from err
-        self._pending.clear()
+        self._sending.clear()
 
     def _waiting(self, peer: int, what: str) -> contextlib.AbstractContextManager:
         return self.watch.waiting(peer, what) if self.watch is not None else contextlib.nullcontext()
@@ -361,3 +438,18 @@ class P2P:
             reason = "That rank failed or was stopped: its own output says why."
         detail = str(err).strip().rstrip(".")
         return PipelineError(f"{me} could not {direction} {label} {where} {self.describe(peer)}: {detail}. {reason}")
+
+
+def _remember(known: dict[Any, Any], spec_key: Any, header: Any) -> None:
+    """Keep ``header`` under ``spec_key``; at the limit start afresh (the peer does so at the same message)."""
+    if len(known) >= SPECS_PER_PEER:
+        known.clear()
+    known[spec_key] = header
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two message structures are equal (one whose constants cannot be compared counts as changed)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

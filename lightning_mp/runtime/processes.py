@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
-from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
+from torch.distributed.distributed_c10d import _get_default_store
 
 from lightning_mp.runtime.launcher import hydra_multirun
 from lightning_mp.runtime.watchdog import FailureWatch
@@ -20,21 +20,26 @@ START_TIMEOUT = default_pg_timeout  # the longest the ranks may take to all join
 
 def join_process_group(
     cluster_environment: Any, device: torch.device, backend: str | None, timeout: timedelta | None, rank: int,
-    describe: Callable[[int], str],
-) -> tuple[str, FailureWatch]:  # fmt: skip
+    describe: Callable[[int], str], on_abort: Callable[[], None] | None = None,
+) -> tuple[str, FailureWatch, dist.ProcessGroup | None]:  # fmt: skip
     """Initialize the default process group (gloo on CPU, NCCL on GPU unless ``backend``) and start this rank's
-    :class:`FailureWatch`; returns (the backend, the watch)."""
+    :class:`FailureWatch` (``on_abort`` runs before it ends this process).
+
+    Start-up (every rank joining the store) is bounded by ``START_TIMEOUT``, not by ``timeout``: a short message
+    timeout must not fail a job whose ranks are slow to start (imports on a loaded machine). With a ``timeout``
+    shorter than that, point-to-point messages get a group of all ranks of their own, with ``timeout``.
+
+    Returns:
+        (the backend, the watch, the messages' group: None for the default group).
+    """
     backend = backend or _get_default_process_group_backend_for_device(device)
     timeout = timeout or default_pg_timeout
-    # Start-up (every rank joining the store) is bounded by START_TIMEOUT, not by ``timeout``: a short message
-    # timeout must not fail a job whose ranks take long to start (imports on a loaded machine).
     _init_dist_connection(cluster_environment, backend, timeout=max(timeout, START_TIMEOUT))
-    if timeout < START_TIMEOUT:
-        _set_pg_timeout(timeout)  # collectives and point-to-point messages of the default group
-    # gloo raises at the process-group timeout itself (with the P2P label); the watch is the backstop (NCCL)
-    watch = FailureWatch(_get_default_store(), rank, describe, timeout.total_seconds() + 5.0)
+    messages = dist.new_group(timeout=timeout) if timeout < START_TIMEOUT else None
+    # gloo raises at the group's timeout itself (with the P2P label); the watch is the backstop (NCCL)
+    watch = FailureWatch(_get_default_store(), rank, describe, timeout.total_seconds() + 5.0, on_abort=on_abort)
     watch.start()
-    return backend, watch
+    return backend, watch, messages
 
 
 def report_failure(exception: BaseException, watch: FailureWatch | None, me: str) -> None:

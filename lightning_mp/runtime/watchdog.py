@@ -12,6 +12,11 @@ the rendezvous store every rank already shares:
 - a point-to-point wait longer than ``timeout`` ends the rank with a message naming the rank, stage, micro-batch,
   direction and peer, and posts it so that the others end too.
 
+On NCCL a receive returns at once and the real wait happens on the device, later: there the messenger hands each
+posted operation to :meth:`FailureWatch.track`, and the thread judges the oldest one not yet completed (asked with
+``Work.is_completed()``, which does not block) as it judges a blocking wait, so a dead or hung peer is named there
+too, with no host synchronisation added to the step.
+
 Liveness is judged only while this rank is blocked on a peer, so a peer that finished its last step early is never
 taken for dead. At the end, global rank 0 (whose process hosts the store) waits a bounded time for every watch to
 stop before it returns: a watch thread caught in a store call when the store's host exits would block the rank's
@@ -44,6 +49,8 @@ class FailureWatch:
         timeout: seconds a point-to-point wait may last.
         poll: seconds between two looks at the store.
         dead_after: seconds without a heartbeat after which a peer this rank waits on is taken for dead.
+        on_abort: runs before the watch ends this process (e.g. the launching rank ends the ranks it started, which
+            would otherwise outlive it).
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class FailureWatch:
         timeout: float,
         poll: float = 1.0,
         dead_after: float = 10.0,
+        on_abort: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.rank = rank
@@ -61,10 +69,13 @@ class FailureWatch:
         self.timeout = timeout
         self.poll = poll
         self.dead_after = dead_after
+        self.on_abort = on_abort
         self._waiting: tuple[int, str, float] | None = None  # (peer, what, since)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._beats: dict[int, tuple[int, float]] = {}  # peer -> (last counter seen, when it last changed)
+        self._tracked: list[tuple[Any, int, str, float]] = []  # posted operations: (work, peer, what, since)
+        self._lock = threading.Lock()
 
     _generations = 0  # watches started by this process: the same sequence on every rank
 
@@ -99,6 +110,24 @@ class FailureWatch:
         finally:
             self._waiting = None
 
+    def track(self, work: Any, peer: int, what: str) -> None:
+        """Watch a posted point-to-point operation with ``peer`` until ``work.is_completed()`` (asynchronous
+        transports, whose wait is not a host call)."""
+        with self._lock:
+            self._tracked.append((work, peer, what, time.monotonic()))
+
+    def oldest_pending(self) -> tuple[int, str, float] | None:
+        """(peer, what, since) of the oldest tracked operation not completed; completed ones are dropped."""
+        with self._lock:
+            tracked, self._tracked = self._tracked, []
+        pending = [t for t in tracked if not _completed(t[0])]
+        with self._lock:
+            self._tracked = pending + self._tracked
+        if not pending:
+            return None
+        _, peer, what, since = min(pending, key=lambda t: t[3])
+        return peer, what, since
+
     def report(self, message: str) -> None:
         """Post this rank's failure for the others (kept only if no rank failed before)."""
         with contextlib.suppress(Exception):
@@ -127,15 +156,18 @@ class FailureWatch:
             self._check_wait()
 
     def _check_wait(self) -> None:
-        waiting = self._waiting
-        if waiting is None:
-            return
-        peer, what, since = waiting
+        for waiting in (self._waiting, self.oldest_pending() if self._tracked else None):
+            if waiting is not None:
+                self._judge(*waiting)
+
+    def _judge(self, peer: int, what: str, since: float) -> None:
+        """End this rank if its wait on ``peer`` since ``since`` is past the timeout or the peer is dead."""
         waited = time.monotonic() - since
         me = self.describe(self.rank)
+        where = "to" if what.startswith("send") else "from"
         if waited > self.timeout:
             message = (
-                f"{me} waited {waited:.0f} s to {what} from {self.describe(peer)} (timeout={self.timeout:.0f} s):"
+                f"{me} waited {waited:.0f} s to {what} {where} {self.describe(peer)} (timeout={self.timeout:.0f} s):"
                 " that rank is stuck or much slower; raise ModelParallel(timeout=...) if its step legitimately"
                 " takes this long."
             )
@@ -143,7 +175,7 @@ class FailureWatch:
             self._abort(message)
         if waited > self.dead_after and not self._alive(peer):
             message = (
-                f"{me} is waiting to {what} from {self.describe(peer)}, whose process has stopped responding for"
+                f"{me} is waiting to {what} {where} {self.describe(peer)}, whose process has stopped responding for"
                 f" {self.dead_after:.0f} s (killed, out of memory, or its machine is gone)."
             )
             self.report(f"{me} failed: {message}")
@@ -164,4 +196,15 @@ class FailureWatch:
     def _abort(self, message: str) -> None:
         sys.stderr.write(f"[rank{self.rank}] lightning-mp: {message}\n")
         sys.stderr.flush()
+        if self.on_abort is not None:
+            with contextlib.suppress(Exception):
+                self.on_abort()
         os._exit(1)
+
+
+def _completed(work: Any) -> bool:
+    """Whether a posted operation has completed (one that cannot say, e.g. aborted, counts as completed)."""
+    try:
+        return bool(work.is_completed())
+    except Exception:
+        return True

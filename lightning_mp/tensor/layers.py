@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from lightning_mp.tensor.shard import (
     STYLES,
+    Runs,
     ShardSpec,
     TPGroup,
     copy_to_tp,
@@ -187,18 +188,22 @@ _LORA_STYLES = {"colwise": (None, "colwise"), "rowwise": ("rowwise", None), "rep
 
 
 def _shard_lora(
-    module: nn.Module, style: str, tp: TPGroup, parts: tuple[int, ...] | None, already: dict[int, ShardSpec] | None
-) -> dict[str, ShardSpec]:
+    module: nn.Module, style: str, tp: TPGroup, parts: tuple[int, ...] | None, already: dict[int, ShardSpec] | None,
+    runs: Runs | None = None,
+) -> dict[str, ShardSpec]:  # fmt: skip
     """Split a LoRA-wrapped layer consistently with its base layer; its own forward runs unchanged."""
     if style not in _LORA_STYLES:
         raise ValueError(f"a LoRA-wrapped layer cannot be split {style!r}: use colwise, rowwise or replicate")
     base, lora_a, lora_b = lora_parts(module)  # type: ignore[misc]
-    specs = {f"base_layer.{n}": s for n, s in shard_module(base, style, tp, parts, already).items()}
+    specs = {f"base_layer.{n}": s for n, s in shard_module(base, style, tp, parts, already, runs).items()}
     a_style, b_style = _LORA_STYLES[style]
     for prefix, layers, layer_style in (("lora_A", lora_a, a_style), ("lora_B", lora_b, b_style)):
         for key, layer in layers.items():
             if layer_style is not None:
-                found = shard_module(layer, layer_style, tp, parts if layer_style == "colwise" else None, already)
+                column = layer_style == "colwise"
+                found = shard_module(
+                    layer, layer_style, tp, parts if column else None, already, runs if column else None
+                )
                 specs.update({f"{prefix}.{key}.{n}": s for n, s in found.items()})
     module._lmp_tp = tp  # type: ignore[assignment]
     return specs
@@ -210,6 +215,7 @@ def shard_module(
     tp: TPGroup,
     parts: tuple[int, ...] | None = None,
     already: dict[int, ShardSpec] | None = None,
+    runs: Runs | None = None,
 ) -> dict[str, ShardSpec]:
     """Make ``module`` tensor-parallel in ``style``; returns the specs of the parameters it now holds in part.
 
@@ -221,12 +227,14 @@ def shard_module(
             grouped-query attention with fewer heads than ranks: the input gradient is summed like colwise).
         parts: for a fused colwise projection, the sizes of its parts along the output features (q, k, v).
         already: parameters split before (by id), such as an embedding's weight tied to this head: not split again.
+        runs: for a colwise projection whose outputs the model cuts in its own way, each rank's (offset, length)
+            runs of the output features (found by ``tensor.flow``); overrides ``parts``.
 
     Raises:
         ValueError: a tied parameter already split along another dim, or an unknown style.
     """
     if lora_parts(module) is not None:
-        return _shard_lora(module, style, tp, parts, already)
+        return _shard_lora(module, style, tp, parts, already, runs)
     conv1d = _conv1d_class()
     is_conv1d = conv1d is not None and isinstance(module, conv1d)
     specs: dict[str, ShardSpec] = {}
@@ -239,7 +247,7 @@ def shard_module(
                 raise ValueError(f"its {name} is shared with a layer split along dim {known.dim}, not {dim}")
             specs[name] = known
             return
-        spec = ShardSpec(dim, parts_ or (param.shape[dim],), tp.rank, tp.size)
+        spec = ShardSpec(dim, parts_ or (param.shape[dim],), tp.rank, tp.size, runs if parts_ is not None else None)
         with torch.no_grad():
             param.data = spec.shard(param.data)
         specs[name] = spec
@@ -252,9 +260,10 @@ def shard_module(
         return specs
     out_dim, in_dim = weight_dims(module)
     if style in ("colwise", "head"):
-        split("weight", out_dim, parts)
+        out_parts = (module.weight.shape[out_dim],) if runs is not None else parts
+        split("weight", out_dim, out_parts)
         if module.bias is not None:
-            split("bias", 0, parts)
+            split("bias", 0, out_parts)
         if style == "head":
             module._lmp_out_spec = specs["weight"]  # type: ignore[assignment]
             _swap_forward(module, style, _VocabHead.forward)

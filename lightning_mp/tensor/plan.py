@@ -18,6 +18,7 @@ Everything else (norms, position embeddings, small heads) is replicated, and the
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from typing import Any
 from torch import nn
 
 from lightning_mp.runtime.errors import ModelSplitError
+from lightning_mp.tensor.flow import BlockFlow
 from lightning_mp.tensor.layers import is_linear_like, lora_parts, shard_module, weight_dims
-from lightning_mp.tensor.shard import ShardSpec, TPGroup, install_sequence_parallel
+from lightning_mp.tensor.shard import Runs, ShardSpec, TPGroup, install_sequence_parallel
 
 USER_STYLES = ("colwise", "rowwise", "vocab", "replicate")
 
@@ -42,11 +44,19 @@ _HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "num_key
                "n_kv_heads", "n_kv_head")  # fmt: skip
 _WIDTH_ATTRS = ("split_size", "embed_dim", "all_head_size", "inner_dim")
 _KV_NAMES = {"k_proj", "v_proj", "key", "value", "k", "v", "wk", "wv"}
+# Hugging Face's TP styles -> the role they give a module here. Where a style gathers the output or splits the input
+# itself (``colwise_gather_output``, ``rowwise_split_input``: the model slices its fused output in a way a plain split
+# gets wrong) the role is kept and the layout comes from the model's data flow (``tensor.flow``); styles that keep
+# the module whole (norms under HF's own sequence parallelism, gathered outputs) replicate it. Any other style (expert
+# parallelism, grouped GEMMs ...) is refused, naming it, unless the user's plan places that module.
 _HF_STYLES = {
     "colwise": "colwise", "local_colwise": "colwise", "packed_colwise": "colwise", "colwise_rep": "colwise",
+    "colwise_gather_output": "colwise",
     "rowwise": "rowwise", "local_rowwise": "rowwise", "packed_rowwise": "rowwise", "rowwise_rep": "rowwise",
-    "embedding": "vocab", "gather": "replicate", "local": "replicate", "replicated_with_grad_allreduce": "replicate",
-    "sequence_parallel": "replicate",
+    "rowwise_split_input": "rowwise",
+    "embedding": "vocab", "embedding_rowwise": "vocab", "gather": "replicate", "local": "replicate",
+    "replicated_with_grad_allreduce": "replicate", "replicate": "replicate", "sequence_parallel": "replicate",
+    "isolated": "replicate", "all_reduce": "replicate",
 }  # fmt: skip
 
 
@@ -59,11 +69,14 @@ class TensorParallelPlan:
     sequence_parallel: bool = False  # activations split along the sequence between the split layers, in blocks
     styles: dict[str, str] = field(default_factory=dict)  # module name -> colwise | rowwise | vocab | head
     parts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fused colwise module -> its parts' sizes
+    runs: dict[str, Runs] = field(default_factory=dict)  # colwise module -> each rank's output runs (data flow)
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> attribute -> per-rank value
     replicated: dict[str, str] = field(default_factory=dict)  # linear-like modules in blocks left whole -> why
     source: str = "automatic"
     partial: set[str] = field(default_factory=set)  # whole parameters whose gradient each rank computes a part of
     check: str = ""  # the self-check's line in the report (see ``tensor.self_check``)
+    chosen: set[str] = field(default_factory=set)  # modules the user's plan placed: the data flow leaves them be
+    flow: str = ""  # the data-flow planner's line in the report (see ``tensor.flow``)
 
     def count(self, style: str) -> int:
         return sum(1 for s in self.styles.values() if s == style)
@@ -80,6 +93,8 @@ class TensorParallelPlan:
             lines.append(f"    replicated: {name} ({why})")
         if len(self.replicated) > 5:
             lines.append(f"    ... and {len(self.replicated) - 5} more replicated")
+        if self.flow:
+            lines.append(self.flow)
         if self.check:
             lines.append(self.check)
         return "\n".join(lines)
@@ -97,7 +112,9 @@ class TensorParallelPlan:
             for pname, dim in dims.items():
                 p = getattr(module, pname, None)
                 if isinstance(p, nn.Parameter):
-                    split[id(p)] = ShardSpec(dim, self.parts.get(name) or (p.shape[dim],), 0, self.size)
+                    runs = self.runs.get(name) if pname == "bias" or dim == out_dim else None
+                    parts = (p.shape[dim],) if runs else self.parts.get(name) or (p.shape[dim],)
+                    split[id(p)] = ShardSpec(dim, parts, 0, self.size, runs)
         total = 0
         for p in params:
             spec = split.get(id(p))
@@ -124,6 +141,7 @@ class TensorParallelPlan:
             "source": self.source,
             "styles": dict(self.styles),
             "parts": {k: list(v) for k, v in self.parts.items()},
+            "runs": {k: [list(r) for r in v] for k, v in self.runs.items()},
             "attributes": self.attributes,
             "replicated": dict(self.replicated),
             "partial": sorted(self.partial),
@@ -146,7 +164,7 @@ def plan_tensor_parallel(
     """
     modules = dict(root.named_modules())
     plan = TensorParallelPlan(size, container_name, sequence_parallel)
-    hf = _hugging_face_styles(root, modules)
+    hf = _hugging_face_styles(root, modules, user_plan or {})
     prefix = container_name + "."
     for name, module in modules.items():
         if not name.startswith(prefix) or not is_linear_like(module) or _wrapped(name, modules):
@@ -166,15 +184,19 @@ def plan_tensor_parallel(
     if hf:
         plan.source = "Hugging Face base_model_tp_plan + automatic"
     _embedding_and_head(root, modules, container_name, plan)
-    chosen: set[str] = set()
     if user_plan:
-        chosen = _apply_user_plan(user_plan, modules, plan)
+        plan.chosen = _apply_user_plan(user_plan, modules, plan)
         plan.source = "user + automatic"
-    _pair_up(plan, prefix, keep=chosen)
-    for name, style in plan.styles.items():
-        module = modules[name]
+    for name, style in list(plan.styles.items()):
         if style == "colwise":
-            plan.parts[name] = _fused_parts(name, module, modules[name.rpartition(".")[0]])
+            parts = _fused_parts(name, modules[name], modules[name.rpartition(".")[0]], name in plan.chosen)
+            if parts is None:  # a fused layout the names cannot tell: the data flow may (``tensor.flow``)
+                del plan.styles[name]
+                plan.replicated[name] = "a fused projection whose parts its names do not tell (no data flow seen)"
+            else:
+                plan.parts[name] = parts
+    _pair_up(plan, prefix, keep=plan.chosen)
+    plan.parts = {n: p for n, p in plan.parts.items() if plan.styles.get(n) == "colwise"}
     _whole_heads(plan, modules)
     _per_rank_attributes(plan, modules)
     for name, module in modules.items():
@@ -186,11 +208,11 @@ def plan_tensor_parallel(
         ):
             plan.replicated.setdefault(name, "no column/row role recognised: name it in tensor_parallel_plan")
     if sequence_parallel:
-        _check_sequence_parallel(plan, modules, prefix)
+        check_sequence_parallel(plan, modules, prefix)
     return plan
 
 
-def _check_sequence_parallel(plan: TensorParallelPlan, modules: dict[str, nn.Module], prefix: str) -> None:
+def check_sequence_parallel(plan: TensorParallelPlan, modules: dict[str, nn.Module], prefix: str) -> None:
     """Under sequence parallelism a block sees only its rank's part of the sequence outside the split layers: any
     layer in a block that is kept whole (attention that is not split, a replicated projection) would mix tokens it
     cannot see."""
@@ -260,8 +282,13 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[in_dim], module.weight.shape[out_dim]
 
 
-def _hugging_face_styles(root: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
-    """module name -> style from the ``base_model_tp_plan`` of each Hugging Face base model inside ``root``."""
+def _hugging_face_styles(root: nn.Module, modules: dict[str, nn.Module], user_plan: dict[str, str]) -> dict[str, str]:
+    """module name -> style from the ``base_model_tp_plan`` of each Hugging Face base model inside ``root``.
+
+    Raises:
+        ModelSplitError: a style with no equivalent here (see ``_HF_STYLES``) on a module the user's plan does not
+            place.
+    """
     styles: dict[str, str] = {}
     for name, module in modules.items():
         config = getattr(module, "config", None)
@@ -270,14 +297,31 @@ def _hugging_face_styles(root: nn.Module, modules: dict[str, nn.Module]) -> dict
             continue
         base = name + "." if name else ""
         for pattern, hf_style in tp_plan.items():
+            regex = re.compile(re.escape(base + pattern).replace(r"\*", r"\d+") + "$")
+            matched = [n for n in modules if regex.match(n)]
             style = _HF_STYLES.get(hf_style)
             if style is None:
+                _refuse_hf_style(base + pattern, hf_style, matched, user_plan)
                 continue
-            regex = re.compile(re.escape(base + pattern).replace(r"\*", r"\d+") + "$")
-            for candidate in modules:
-                if regex.match(candidate) and style in ("colwise", "rowwise"):
+            for candidate in matched:
+                if style in ("colwise", "rowwise"):
                     styles[candidate] = style
     return styles
+
+
+def _refuse_hf_style(pattern: str, hf_style: str, matched: list[str], user_plan: dict[str, str]) -> None:
+    """A Hugging Face style with no equivalent here is refused, unless the user's plan places its modules."""
+    placed = [
+        n for n in matched
+        if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p) for p in user_plan)
+    ]  # fmt: skip
+    if len(placed) < len(matched):
+        raise ModelSplitError(
+            f"the model's base_model_tp_plan splits {pattern} with the Hugging Face style {hf_style!r}, which"
+            f" lightning-mp does not implement (it knows {', '.join(sorted(_HF_STYLES))}): give tensor_parallel_plan"
+            f" {{{pattern!r}: 'replicate'}} to keep those modules whole (or another style of"
+            f" {', '.join(USER_STYLES)})."
+        )
 
 
 def _embedding_and_head(
@@ -375,8 +419,13 @@ def _pair_up(plan: TensorParallelPlan, prefix: str, keep: set[str]) -> None:
             plan.replicated[name] = why
 
 
-def _fused_parts(name: str, module: nn.Module, parent: nn.Module) -> tuple[int, ...]:
-    """The sizes of the parts of a fused projection's outputs (q, k, v; gate, up), or one part."""
+def _fused_parts(name: str, module: nn.Module, parent: nn.Module, chosen: bool) -> tuple[int, ...] | None:
+    """The sizes of the parts of a fused projection's outputs (q, k, v; gate, up), or one part; None when the name
+    says fused but the sizes do not tell the parts (the data flow decides, ``tensor.flow``).
+
+    Raises:
+        ModelSplitError: the user's plan asks for such a layer colwise.
+    """
     out_dim, _ = weight_dims(module)
     width = module.weight.shape[out_dim]
     parts = _FUSED.get(name.rpartition(".")[2].lower())
@@ -387,12 +436,14 @@ def _fused_parts(name: str, module: nn.Module, parent: nn.Module) -> tuple[int, 
     head_dim = _first_int(parent, ("head_dim", "attention_head_size"))
     if parts == 3 and heads and kv_heads and head_dim and heads * head_dim + 2 * kv_heads * head_dim == width:
         return (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-    if width % parts:
+    if width % parts == 0:
+        return (width // parts,) * parts
+    if chosen:
         raise ModelSplitError(
             f"{name} looks like a fused projection of {parts} parts but has {width} outputs: give tensor_parallel_plan"
-            f" {{{name!r}: 'replicate'}} (or 'colwise' for an unfused layer with this name)."
+            f" {{{name!r}: 'replicate'}}, or let the automatic plan follow its data flow (drop it from the plan)."
         )
-    return (width // parts,) * parts
+    return None
 
 
 def _whole_heads(plan: TensorParallelPlan, modules: dict[str, nn.Module]) -> None:
@@ -456,6 +507,26 @@ def _per_rank_attributes(plan: TensorParallelPlan, modules: dict[str, nn.Module]
             plan.attributes[parent_name] = changes
 
 
+def set_attributes(module: nn.Module, changes: dict[str, int]) -> None:
+    """Set ``module``'s per-rank sizes. A dotted name (``config.n_head``) is read from an object the module holds,
+    often shared by every layer of the model: the module gets its own copy of that object, so that the other
+    modules (and the whole model outside this rank's split layers) keep reading the whole sizes."""
+    copies: dict[str, Any] = {}
+    for path, value in changes.items():
+        holder_name, _, attr = path.rpartition(".")
+        if not holder_name:
+            setattr(module, attr, value)
+            continue
+        if holder_name not in copies:
+            *outer, last = holder_name.split(".")
+            owner = module
+            for part in outer:
+                owner = getattr(owner, part)
+            copies[holder_name] = copy.copy(getattr(owner, last))
+            setattr(owner, last, copies[holder_name])
+        setattr(copies[holder_name], attr, value)
+
+
 @dataclass
 class TensorParallelState:
     """What applying a plan made of this rank's stage."""
@@ -480,7 +551,7 @@ def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup
         if module is None or not (is_linear_like(module) or isinstance(module, nn.Embedding)):
             continue  # on another stage (a placeholder here)
         try:
-            specs = shard_module(module, style, tp, plan.parts.get(name), by_param)
+            specs = shard_module(module, style, tp, plan.parts.get(name), by_param, plan.runs.get(name))
         except ValueError as err:
             raise ModelSplitError(f"{name}: {err}") from err
         for param_name, spec in specs.items():
@@ -495,8 +566,7 @@ def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup
             )
     for name, changes in plan.attributes.items():
         if name in modules:
-            for attr, value in changes.items():
-                setattr(modules[name], attr, value)
+            set_attributes(modules[name], changes)
     named = list(root.named_parameters(remove_duplicate=False))
     partial = {id(p) for name, style in plan.styles.items() if style == "replicated_kv" and name in modules
                for p in modules[name].parameters()}  # fmt: skip
@@ -512,3 +582,50 @@ def apply_tensor_parallel(root: nn.Module, plan: TensorParallelPlan, tp: TPGroup
         has_head=any(s == "head" and n in modules for n, s in plan.styles.items()),
         tp=tp,
     )
+
+
+def use_block_flow(plan: TensorParallelPlan, modules: dict[str, nn.Module], blocks: list[str], flow: BlockFlow) -> None:
+    """Replace what the names planned inside ``blocks`` (alike, by class and shapes) with what one block's data flow
+    showed (``tensor.flow``): styles, each rank's runs of the column-parallel outputs, and the per-rank sizes. Where
+    the flow could not tell the sizes, the names' attribute rules are used."""
+    for block in blocks:
+        prefix = block + "."
+        named_parts = {n: p for n, p in plan.parts.items() if n.startswith(prefix)}
+        for table in (plan.styles, plan.parts, plan.runs, plan.replicated):
+            for name in [n for n in table if n.startswith(prefix)]:
+                del table[name]
+        for name in [n for n in plan.attributes if n == block or n.startswith(prefix)]:
+            del plan.attributes[name]
+        for rel, style in flow.styles.items():
+            name = prefix + rel
+            plan.styles[name] = style
+            if style == "colwise":
+                _set_layout(plan, name, flow.runs[rel], named_parts.get(name))
+        plan.replicated.update({prefix + rel: f"data flow: {why}" for rel, why in flow.whole.items()})
+        for rel, changes in flow.attributes.items():
+            plan.attributes[f"{prefix}{rel}".rstrip(".")] = dict(changes)
+        _kv_groups(plan, modules, prefix)
+    if flow.sizes_problem:
+        _per_rank_attributes(plan, modules)
+
+
+def _set_layout(plan: TensorParallelPlan, name: str, runs: Runs, named: tuple[int, ...] | None) -> None:
+    """Store a column-parallel layer's layout as parts when even slices of them give each rank its runs, else as
+    explicit runs."""
+    width = sum(length for rank in runs for _, length in rank)
+    for parts in [p for p in (named, (width,)) if p and sum(p) == width]:
+        even = [tuple((o, n) for o, n in ShardSpec(0, parts, r, plan.size).slices() if n) for r in range(plan.size)]
+        if even == [tuple(r) for r in runs]:
+            plan.parts[name] = parts
+            return
+    plan.parts[name], plan.runs[name] = (width,), runs
+
+
+def _kv_groups(plan: TensorParallelPlan, modules: dict[str, nn.Module], prefix: str) -> None:
+    """Key/value projections kept whole on every rank beside split query heads: their module's query heads per
+    key/value head (``num_key_value_groups``) shrink with the query heads."""
+    for name in [n for n, s in plan.styles.items() if s == "replicated_kv" and n.startswith(prefix)]:
+        parent_name = name.rpartition(".")[0]
+        groups = _first_int(modules[parent_name], ("num_key_value_groups",))
+        if groups and groups % plan.size == 0:
+            plan.attributes.setdefault(parent_name, {})["num_key_value_groups"] = groups // plan.size

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,7 +36,8 @@ from torch import Tensor, nn
 
 from lightning_mp.runtime.errors import ModelSplitError
 from lightning_mp.runtime.tree import tree_leaves, tree_map
-from lightning_mp.tensor.plan import TensorParallelPlan, apply_tensor_parallel
+from lightning_mp.tensor.flow import follow_data_flow
+from lightning_mp.tensor.plan import TensorParallelPlan, apply_tensor_parallel, check_sequence_parallel
 from lightning_mp.tensor.shard import TPGroup, gather_full
 
 CheckMode = Literal["error", "fallback", "off"]
@@ -115,6 +118,7 @@ def restrict(plan: TensorParallelPlan, prefix: str) -> TensorParallelPlan:
         plan.size,
         styles={rel(n): s for n, s in plan.styles.items() if inside(n)},
         parts={rel(n): p for n, p in plan.parts.items() if inside(n)},
+        runs={rel(n): r for n, r in plan.runs.items() if inside(n)},
         attributes={rel(n): dict(a) for n, a in plan.attributes.items() if inside(n)},
         source=plan.source,
     )
@@ -122,7 +126,8 @@ def restrict(plan: TensorParallelPlan, prefix: str) -> TensorParallelPlan:
 
 def _signature(module: nn.Module, plan: TensorParallelPlan) -> tuple:
     attributes = tuple(sorted((n, tuple(sorted(a.items()))) for n, a in plan.attributes.items()))
-    return type(module), tuple(sorted(plan.styles.items())), tuple(sorted(plan.parts.items())), attributes
+    runs = tuple(sorted(plan.runs.items()))
+    return type(module), tuple(sorted(plan.styles.items())), tuple(sorted(plan.parts.items())), runs, attributes
 
 
 def _is_open(plan: TensorParallelPlan) -> bool:
@@ -245,20 +250,23 @@ def capture_inputs(root: nn.Module, names: list[str], step: Callable[[], Any]) -
 
 
 def _float_inputs(inputs: Inputs, device: torch.device) -> Inputs:
-    """The inputs in fp32 on ``device``; the hidden states (floating, finite positional tensors and a
-    ``hidden_states`` keyword) require a gradient."""
+    """The inputs in fp32 on ``device``; the hidden states (a first positional tensor, else a ``hidden_states``
+    keyword) require a gradient. The other inputs (rotary tables, masks, biases) are constants here: one that needs
+    a gradient in training is checked through the parameters it comes from."""
 
-    def prepare(t: Tensor, grad: bool) -> Tensor:
-        t = t.to(device).clone()  # each run its own leaves
+    def prepare(t: Tensor, hidden: bool) -> Tensor:
+        t = t.detach().to(device).clone()  # each run its own leaves
         if t.is_floating_point():
             t = t.float()
-            if grad and bool(torch.isfinite(t).all()):
+            if hidden and bool(torch.isfinite(t).all()):
                 t.requires_grad_(True)
         return t
 
     args, kwargs = inputs
-    args = tree_map(lambda t: prepare(t, True), args)
-    kwargs = {k: tree_map(lambda t, k=k: prepare(t, k == "hidden_states"), v) for k, v in kwargs.items()}
+    first = bool(args) and isinstance(args[0], Tensor)
+    args = tuple(prepare(a, i == 0) if isinstance(a, Tensor) else tree_map(lambda t: prepare(t, False), a)
+                 for i, a in enumerate(args))  # fmt: skip
+    kwargs = {k: tree_map(lambda t, k=k: prepare(t, k == "hidden_states" and not first), v) for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -427,7 +435,8 @@ def self_check(
     root: nn.Module, plan: TensorParallelPlan, tp: TPGroup, step: Callable[[], Any] | None, mode: str,
     device: torch.device, no_step: str | None = None,
 ) -> CheckReport:  # fmt: skip
-    """Check every distinct piece of ``plan`` on ``root`` (the whole model, not yet split) and update ``plan``:
+    """Re-plan the blocks from their observed data flow (``tensor.flow``; whatever ``mode``, when there is a step),
+    then check every distinct piece of ``plan`` on ``root`` (the whole model, not yet split) and update ``plan``:
     partial gradients found are added to ``plan.partial``; with ``mode="fallback"`` a mismatching piece is kept
     whole. ``step`` runs the user's step on one micro-batch (None when there is none: ``no_step`` says why, and
     the check is skipped with a warning). A collective of the whole world: every rank calls it.
@@ -437,6 +446,10 @@ def self_check(
     """
     start = time.perf_counter()
     report = CheckReport(mode)
+    if step is not None and not any(p.is_meta for p in root.parameters()):
+        plan_by_data_flow(root, plan, tp, step, device)
+    if mode == "off":
+        return report
     targets = plan_targets(root, plan)
     if any(p.is_meta for p in root.parameters()):
         report.skipped = "the model is on the meta device: nothing to run before each rank materializes its part"
@@ -452,6 +465,31 @@ def self_check(
     _act(plan, report)
     plan.check = report.format()
     return report
+
+
+def plan_by_data_flow(
+    root: nn.Module, plan: TensorParallelPlan, tp: TPGroup, step: Callable[[], Any], device: torch.device
+) -> None:
+    """Re-plan the blocks from their observed data flow (``tensor.flow``), the same on every rank.
+
+    Raises:
+        ModelSplitError: a size the split divides does not divide, or the ranks observed different plans (their
+            first batches differ in a way that changes what the blocks compute).
+    """
+    plan.flow = follow_data_flow(
+        root, plan, lambda names: capture_inputs(root, names, step)[0], lambda x: _float_inputs(x, device), device
+    )
+    if plan.sequence_parallel:
+        check_sequence_parallel(plan, dict(root.named_modules()), plan.container + ".")
+    text = json.dumps(plan.to_dict(), sort_keys=True, default=str)
+    digest = int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+    seen = torch.tensor([digest, -digest], dtype=torch.float64, device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if int(seen[0]) != -int(seen[1]):
+        raise ModelSplitError(
+            "the tensor-parallel plan read off the blocks' data flow differs between ranks (their first batches make"
+            " the blocks compute differently): give the layers' styles in tensor_parallel_plan."
+        )
 
 
 def _check_all(
@@ -541,6 +579,7 @@ def keep_whole(plan: TensorParallelPlan, verdict: Verdict) -> None:
         for name in inside:
             del plan.styles[name]
             plan.parts.pop(name, None)
+            plan.runs.pop(name, None)
             plan.replicated[name] = why
         for name in [n for n in plan.attributes if n == prefix or n.startswith(prefix + ".")]:
             del plan.attributes[name]

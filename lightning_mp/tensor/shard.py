@@ -4,6 +4,7 @@ the hidden dim, scatter / gather / reduce-scatter over the sequence)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+Runs = tuple[tuple[tuple[int, int], ...], ...]  # per rank: the (offset, length) runs of the full tensor it holds
 STYLES = ("colwise", "rowwise", "vocab", "head", "replicated_kv", "replicate")
 
 
@@ -20,20 +22,25 @@ class ShardSpec:
     """Which part of a full tensor a rank holds: a slice along ``dim`` of each fused part (q, k, v ...).
 
     Slices follow ``torch.chunk`` (and DTensor ``Shard``): a part of ``n`` rows gives each rank ``ceil(n / size)``
-    rows, the last ranks fewer when ``n`` does not divide.
+    rows, the last ranks fewer when ``n`` does not divide. A projection whose outputs the model cuts in its own way
+    (q, k and v interleaved per head, grouped per query group) gives each rank explicit ``runs`` instead, found by
+    following its data flow (``tensor.flow``).
     """
 
     dim: int
     parts: tuple[int, ...]  # sizes along ``dim`` of the fused parts of the full tensor; one part when not fused
     rank: int
     size: int
+    runs: Runs | None = None  # per rank, its (offset, length) runs of the full tensor, in order; else by ``parts``
 
     @property
     def full_size(self) -> int:
         return sum(self.parts)
 
     def slices(self) -> list[tuple[int, int]]:
-        """(offset in the full tensor, length) of this rank's slice of each part."""
+        """(offset in the full tensor, length) of this rank's slice of each part (or each of its runs)."""
+        if self.runs is not None:
+            return list(self.runs[self.rank])
         out, offset = [], 0
         for n in self.parts:
             chunk = -(-n // self.size)
@@ -108,27 +115,25 @@ class _GatherFromTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        spec = ShardSpec(grad.dim() - 1, ctx.spec.parts, ctx.spec.rank, ctx.spec.size)
-        return spec.shard(grad), None, None
+        return dataclasses.replace(ctx.spec, dim=grad.dim() - 1).shard(grad), None, None
 
 
 def gather_last_dim(x: Tensor, tp: TPGroup, spec: ShardSpec) -> Tensor:
-    """The full tensor from each rank's slice (``spec``) along the last dim (uneven slices are padded to send)."""
-    widths = [ShardSpec(0, spec.parts, r, spec.size).local_size for r in range(spec.size)]
-    widest = max(widths)
+    """The full tensor from each rank's slices (``spec``) along the last dim (uneven slices are padded to send)."""
+    layouts = [dataclasses.replace(spec, rank=r).slices() for r in range(spec.size)]
+    widest = max(sum(length for _, length in runs) for runs in layouts)
     x = x.contiguous()
     if x.shape[-1] < widest:
         x = F.pad(x, (0, widest - x.shape[-1]))
     pieces = [torch.empty_like(x) for _ in range(spec.size)]
     dist.all_gather(pieces, x, group=tp.group)
-    slices = [[] for _ in spec.parts]  # part -> the ranks' slices, in rank order
-    for r, (piece, width) in enumerate(zip(pieces, widths)):
+    placed: list[tuple[int, Tensor]] = []  # (offset in the full tensor, the piece of it)
+    for piece, runs in zip(pieces, layouts):
         local = 0
-        for i, (_, length) in enumerate(ShardSpec(0, spec.parts, r, spec.size).slices()):
-            slices[i].append(piece[..., local : local + length])
+        for offset, length in runs:
+            placed.append((offset, piece[..., local : local + length]))
             local += length
-        assert local == width
-    return torch.cat([s for part in slices for s in part], dim=-1)
+    return torch.cat([t for _, t in sorted(placed, key=lambda p: p[0])], dim=-1)
 
 
 # ---- sequence parallelism: activations split along the sequence (dim 1) between the tensor-parallel regions ------

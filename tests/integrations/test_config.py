@@ -71,8 +71,9 @@ def test_balance_pipeline_and_checkpointing_groups(
 
 def test_manual_balance_needs_the_counts() -> None:
     cfg = _compose("classify", ["strategy/balance=manual"])
-    with pytest.raises(ConfigError, match=r"strategy.balance=manual needs the layer counts per stage"):
+    with pytest.raises(ConfigError, match=r"strategy.balance=manual needs the layer counts per stage") as error:
         check_strategy_config(cfg.strategy)
+    assert "[5,3]" not in str(error.value) and "stage plan printed at start-up" in str(error.value)
     cfg = _compose("classify", ["strategy/balance=manual", "strategy.balance=[4,2]"])
     assert build_strategy(cfg.strategy).balance == [4, 2]
 
@@ -107,6 +108,10 @@ def test_minilm_resolves_to_the_packaged_weights() -> None:
         ("strategy.pipeline_parallel_size=two", r"strategy.pipeline_parallel_size='two' is invalid"),
         ("strategy.max_memory=lots", r"strategy.max_memory='lots' is invalid"),
         ("strategy.rebalance_every=weekly", r"strategy.rebalance_every='weekly' is invalid: .*or epoch"),
+        (
+            "strategy.balance=[4,0]",
+            r"strategy.balance=\[4, 0\] gives stage 1 no layers: .* e\.g\. balance=\[2, 2\] if the model has 4 layers",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override: str, message: str) -> None:

@@ -4,10 +4,13 @@ memory each schedule holds, and activation checkpointing (which must not change 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from lightning_mp.observe import timeline
 from lightning_mp.observe.stats import StepStats
 from lightning_mp.observe.timeline import bubble_report, chrome_trace, ideal_bubble
 from tests.conftest import assert_matches_reference, load_result, run_jobs_or_fail
@@ -32,6 +35,26 @@ def test_chrome_trace_has_a_lane_per_stage() -> None:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert [(e["name"], e["tid"], e["dur"]) for e in spans] == [("F0", 0, 5e5), ("B0", 0, 5e5)]
     assert bubble_report([stages], "1f1b", 4)["bubble"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_the_timeline_says_which_files_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matplotlib: bool
+) -> None:
+    if matplotlib:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    said: list[str] = []
+    monkeypatch.setattr(timeline, "rank_zero_info", said.append)
+    stages = [StepStats(busy=1.0, wall=2.0, spans=[("F", 0, 0.0, 0.5)]), StepStats(busy=1.0, wall=2.0)]
+    runner = SimpleNamespace(timelines=[stages], schedule="1f1b", microbatches=2, chunks=1)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(runner=runner), global_rank=0, default_root_dir=tmp_path)
+    timeline.PipelineTimeline(dirpath=tmp_path).on_train_end(trainer, None)  # type: ignore[arg-type]
+    assert (tmp_path / "timeline.json").exists()
+    assert (tmp_path / "timeline.png").exists() == matplotlib
+    assert ("and timeline.png" in said[0]) == matplotlib
+    assert ("no timeline.png: matplotlib is not installed" in said[0]) != matplotlib
 
 
 @pytest.fixture(scope="module")

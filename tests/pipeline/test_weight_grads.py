@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,17 +40,40 @@ def test_deferred_gradients_equal_autograds() -> None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
-def test_off_and_under_autocast_it_is_plain_linear() -> None:
+def test_off_it_is_plain_linear() -> None:
     net = _net()
     deferred = DeferredWeightGrads()
     deferred.install([net])
     net(torch.randn(2, 8)).sum().backward()
     assert not deferred.has_pending() and net[0].weight.grad is not None
-    deferred.enabled = True
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        net(torch.randn(2, 8)).float().sum().backward()
-    assert not deferred.has_pending()
     assert isinstance(net[0], nn.Linear) and type(net[0]).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_it_defers_the_gradients_autocast_computes(dtype: torch.dtype) -> None:
+    """zero_bubble under mixed precision: the products run in the autocast dtype, as autocast runs them, and the
+    fp32 parameters receive the same gradients (the same kernels, so the same bits)."""
+    x = torch.randn(3, 5, 8)
+    reference = _net()
+    with torch.autocast("cpu", dtype=dtype):
+        out = reference(x)
+    out.float().square().mean().backward()
+    net = _net()
+    deferred = DeferredWeightGrads()
+    deferred.install([net])
+    deferred.enabled, deferred.microbatch = True, 0
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x)
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    assert net[0].weight.grad is None and list(deferred.pending) == [0]
+    while deferred.has_pending():
+        deferred.run_one()
+    for (name, a), b in zip(reference.named_parameters(), net.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert b.grad.dtype == a.grad.dtype == torch.float32, name
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), (name, (a.grad - b.grad).abs().max())
 
 
 def test_auto_picks_zero_bubble_where_linear_weights_can_wait() -> None:

@@ -45,3 +45,11 @@ def test_frames_carry_any_payload_size(size: int) -> None:
     assert frames[0].numel() == FRAME_BYTES
     assert frame_overflow(frames[0]) == (frames[1].numel() if len(frames) > 1 else 0)
     assert decode_frames(frames[0], frames[1] if len(frames) > 1 else None) == payload
+
+
+def test_objects_land_on_the_receivers_device() -> None:
+    from lightning_mp.runtime.messages import dump_object, load_object
+
+    sent = {"loss": torch.tensor(1.5), "logs": [torch.ones(2)], "step": 3}
+    got = load_object(dump_object(sent), torch.device("meta"))  # the receiver's device, whatever the sender's
+    assert got["loss"].device.type == "meta" and got["logs"][0].device.type == "meta" and got["step"] == 3

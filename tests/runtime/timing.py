@@ -7,8 +7,10 @@ minute on a loaded one, so a test's time bound must not include it. :func:`run_h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ from typing import IO, Any
 from tests.conftest import ROOT
 
 STARTED = "All distributed processes registered"  # Lightning, on rank 0, once every rank joined
+ORPHAN_WAIT_S = 20.0  # how long the ranks a run started may outlive it before they are killed
 
 
 @dataclass
@@ -31,6 +34,7 @@ class TimedRun:
     stderr: str
     after_start_s: float
     started: bool  # the ranks all joined (False: the run ended before any process group existed)
+    leftover: bool  # a process of the run outlived its timeout, or the launching rank by ORPHAN_WAIT_S
 
 
 def run_harness_timed(jobs: list[dict[str, Any]], out_dir: Path, timeout: float = 600) -> TimedRun:
@@ -48,8 +52,9 @@ def run_timed(argv: list[str], timeout: float = 600) -> TimedRun:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")  # as tests.conftest.run_script
     proc = subprocess.Popen(
-        [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its ranks too can be ended together
+    )  # fmt: skip
     out: list[str] = []
     err: list[str] = []
     readers = [
@@ -58,16 +63,20 @@ def run_timed(argv: list[str], timeout: float = 600) -> TimedRun:
     ]
     for reader in readers:
         reader.start()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ended = time.monotonic()
+    for reader in readers:  # ranks still holding the output open outlived the launching one
+        reader.join(timeout=ORPHAN_WAIT_S)
+    leftover = proc.poll() is None or any(reader.is_alive() for reader in readers)
+    if leftover:  # the session is still there: end what is left of it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     for reader in readers:
         reader.join()
-    ended = time.monotonic()
-    return TimedRun(proc.returncode, "".join(out), "".join(err), ended - min(started, default=launched), bool(started))
+    after = ended - min(started, default=launched)
+    return TimedRun(proc.returncode, "".join(out), "".join(err), after, bool(started), leftover)
 
 
 def _read(stream: IO[str] | None, lines: list[str], started: list[float]) -> None:

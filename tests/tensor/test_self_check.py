@@ -29,6 +29,7 @@ from tests.conftest import assert_matches_reference, load_result, run_harness, r
 from tests.models import make_model
 
 SWAPPED = {"blocks.*.mlp.0": "rowwise", "blocks.*.mlp.2": "colwise"}  # the MLP's styles the wrong way round
+CONTIGUOUS = {"blocks.*.mlp.Wi": "colwise", "blocks.*.mlp.Wo": "rowwise"}  # gate/up fused, split as one part
 KW = {"batch_size": 6, "n": 20}
 TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "microbatches": 2}
 
@@ -119,22 +120,24 @@ def _check_worker(rank: int, port: int, cases: list[tuple[str, Any, str]], out: 
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for name, user, mode in cases:
+        key = f"{name}{'+plan' if user else ''}/{mode}"
         try:
             module, plan = _plan(name, user)
             batch = next(iter(module.train_dataloader()))
             tp = TPGroup(dist.group.WORLD, rank, 2)
             step = lambda m=module, b=batch: m.training_step(b, 0)  # noqa: E731
             report = self_check(module, plan, tp, step, mode, torch.device("cpu"))
-            results[f"{name}/{mode}"] = {"report": report, "plan": plan}
+            results[key] = {"report": report, "plan": plan}
         except ModelSplitError as err:
-            results[f"{name}/{mode}"] = {"error": str(err)}
+            results[key] = {"error": str(err)}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
 def check_at_tp2(tmp_path: Path, cases: list[tuple[str, Any, str]]) -> dict[str, Any]:
-    """Run :func:`_check_worker` on two processes; what rank 0 saw, by "model/mode"."""
+    """Run :func:`_check_worker` on two processes; what rank 0 saw, by "model/mode" ("model+plan/mode" with a
+    user plan)."""
     out = str(tmp_path / "checks.pt")
     mp.spawn(_check_worker, args=(_free_port(), cases, out), nprocs=2)
     return torch.load(out, weights_only=False)  # type: ignore[no-any-return]
@@ -144,24 +147,27 @@ def check_at_tp2(tmp_path: Path, cases: list[tuple[str, Any, str]]) -> dict[str,
 def test_wrong_plans_are_refused_right_ones_pass_and_per_head_norms_are_summed(tmp_path: Path) -> None:
     got = check_at_tp2(tmp_path, [
         ("gpt", SWAPPED, "error"),
-        ("fused_wi", None, "error"),  # gate and up fused, split by chunk(2): split contiguously, silently wrong
+        ("fused_wi", CONTIGUOUS, "error"),  # gate and up fused, split by chunk(2): split contiguously, silently wrong
+        ("fused_wi", None, "error"),  # the data flow finds the chunk(2) layout
         ("hf_llama", None, "error"),
         ("hf_qwen3", None, "error"),
-        ("fused_wi", None, "fallback"),
+        ("fused_wi", CONTIGUOUS, "fallback"),
     ])  # fmt: skip
-    wrong = got["gpt/error"]["error"]
+    wrong = got["gpt+plan/error"]["error"]
     assert "blocks.0 (Block)" in wrong and "fails when split" in wrong
     assert "tensor_parallel_plan={'blocks.*': 'replicate'}" in wrong
-    fused = got["fused_wi/error"]["error"]
-    assert "blocks.0 (MLPBlock), split by the automatic plan (mlp.Wi colwise, mlp.Wo rowwise)" in fused
+    fused = got["fused_wi+plan/error"]["error"]
+    assert "blocks.0 (MLPBlock), split by the user + automatic plan (mlp.Wi colwise, mlp.Wo rowwise)" in fused
     assert "computes a different output split than whole" in fused and "silently wrong" in fused
+    assert all(v.ok for v in got["fused_wi/error"]["report"].verdicts)
+    assert "data flow: 1 of 1 distinct blocks" in got["fused_wi/error"]["plan"].format()
     llama = got["hf_llama/error"]["report"]
     assert len(llama.verdicts) == 3 and all(v.ok for v in llama.verdicts) and llama.seconds < 10
     assert "self-check: 3 split modules match whole" in got["hf_llama/error"]["plan"].format()
     qwen3 = got["hf_qwen3/error"]["plan"]
     assert "model.model.layers.2.self_attn.q_norm.weight" in qwen3.partial
     assert "model.model.layers.2.self_attn.k_norm.weight" in qwen3.partial and len(qwen3.partial) == 8
-    fallback = got["fused_wi/fallback"]["plan"]
+    fallback = got["fused_wi+plan/fallback"]["plan"]
     assert set(fallback.styles.values()) == {"vocab", "head"}  # the blocks stay whole, the rest is split
 
 
@@ -182,7 +188,7 @@ def test_fallback_trains_right_with_the_wrong_blocks_whole(tmp_path_factory: pyt
     out = run_jobs_or_fail(tmp_path_factory, "fallback", [
         {"name": "ref", "model": "fused_wi", "model_kwargs": KW},
         {"name": "tp2", "model": "fused_wi", "model_kwargs": KW, "devices": 2,
-         "strategy": {**TP2, "tensor_parallel_check": "fallback"}},
+         "strategy": {**TP2, "tensor_parallel_check": "fallback", "tensor_parallel_plan": CONTIGUOUS}},
     ])  # fmt: skip
     for rank in range(2):
         assert_matches_reference(load_result(out, "ref", 0), load_result(out, "tp2", rank))
