@@ -132,3 +132,14 @@ def write_result(path: str, result: dict | None) -> None:
     """Worker side of :func:`run_worker` (rank 0 writes)."""
     if result is not None:
         Path(path).write_text(json.dumps(result))
+
+
+def run_if_worker(args: argparse.Namespace, worker: Callable[[argparse.Namespace], None]) -> bool:
+    """In a worker process (``--worker`` given): run ``worker`` on one thread and return True."""
+    if not getattr(args, "worker", None):
+        return False
+    import torch
+
+    torch.set_num_threads(1)
+    worker(args)
+    return True

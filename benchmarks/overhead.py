@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
+from benchmarks.common import fit_and_time, gpt_arguments, run_if_worker, run_worker, write_result  # noqa: E402
 
 TINY = {"layers": 2, "d": 32, "heads": 2, "seq": 16}
 
@@ -112,9 +112,7 @@ def _compare(a: argparse.Namespace, first: str, second: str) -> tuple[float, flo
 
 def main() -> None:
     a = _args()
-    if a.worker:
-        torch.set_num_threads(1)
-        _worker(a)
+    if run_if_worker(a, _worker):
         return
     shape = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch}
     lightning, pp1 = _compare(a, "lightning", "pp1")

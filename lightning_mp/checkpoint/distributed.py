@@ -360,17 +360,22 @@ def named_optimizer_state(optimizer: Optimizer, module: nn.Module) -> dict[str, 
     }
 
 
+def check_same_groups(optimizer: Optimizer, named: dict[str, Any]) -> None:
+    """Raise ValueError when the saved optimizer has another number of parameter groups than ``optimizer``."""
+    if len(named["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(named['param_groups'])} parameter groups, this one"
+            f" {len(optimizer.param_groups)}: configure_optimizers must build the same groups to resume."
+        )
+
+
 def load_named_optimizer_state(optimizer: Optimizer, module: nn.Module, named: dict[str, Any]) -> None:
     """Load the entries of a named optimizer state that belong to this stage's ``optimizer``.
 
     Raises:
         ValueError: the saved optimizer has other parameter groups than this one.
     """
-    if len(named["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(
-            f"the checkpoint's optimizer has {len(named['param_groups'])} parameter groups, this one"
-            f" {len(optimizer.param_groups)}: configure_optimizers must build the same groups to resume."
-        )
+    check_same_groups(optimizer, named)
     names = {id(p): n for n, p in module.named_parameters()}
     local_names = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     index = {n: i for i, n in enumerate(local_names)}

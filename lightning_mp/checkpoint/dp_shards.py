@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.checkpoint.distributed import MODEL, Shards
+from lightning_mp.checkpoint.distributed import MODEL, Shards, check_same_groups
 from lightning_mp.pipeline.sharding import DataParallelSharding
 from lightning_mp.plan.stage_plan import is_placeholder
 
@@ -238,11 +238,7 @@ def load_sharded_optimizer_state(optimizer: Optimizer, named: dict[str, Any], sh
     Raises:
         ValueError: the saved optimizer has other parameter groups than this one.
     """
-    if len(named["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(
-            f"the checkpoint's optimizer has {len(named['param_groups'])} parameter groups, this one"
-            f" {len(optimizer.param_groups)}: configure_optimizers must build the same groups to resume."
-        )
+    check_same_groups(optimizer, named)
     for group, saved in zip(optimizer.param_groups, named["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
     for name, p, a, b, bucket, i in sharding.named_parameter_ranges():

@@ -43,13 +43,14 @@ class PaddedGPT(TinyGPT):
     def dataset(self, seed: int) -> Dataset:
         return PaddedTokenData(self.n, seed=seed)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        x, mask = self.embed(ids)
+    def logits(self, batch: dict) -> torch.Tensor:
+        x, mask = self.embed(batch["input_ids"])
         for block in self.blocks:
             x = block(x, mask)
-        logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        return self.head(self.ln_f(x))[:, :-1].reshape(-1, VOCAB)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
 
 
 class PaddedHF(HFCausalLM):
@@ -68,12 +69,7 @@ class WeightedLossGPT(PaddedGPT):
         self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, ignore_index=-100)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        x, mask = self.embed(ids)
-        for block in self.blocks:
-            x = block(x, mask)
-        logits = self.head(self.ln_f(x))
-        return self.loss_fn(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
+        return self.loss_fn(self.logits(batch), batch["labels"][:, 1:].reshape(-1))
 
 
 class TwoTermLossGPT(PaddedGPT):
