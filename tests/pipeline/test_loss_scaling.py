@@ -112,7 +112,8 @@ def test_skipped_steps_agree_across_stages(fp16_runs: Path) -> None:
 @pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
 def test_several_microbatches_train_within_fp16_tolerance(fp16_runs: Path, schedule: str) -> None:
     """Several micro-batches: each fp16 product sums over fewer samples and the fp32 gradients add up the parts in
-    another order, so the numbers agree to fp16's rounding (measured: 1.7e-4 after 8 steps), not bit for bit; no step is skipped."""
+    another order, so the numbers agree to fp16's rounding (measured: 1.7e-4 after 8 steps), not bit for bit; no
+    step is skipped."""
     ref = load_result(fp16_runs, "ref", 0)
     for rank in range(2):
         got = load_result(fp16_runs, f"pp2-{schedule}", rank)

@@ -251,9 +251,12 @@ def test_dp2_pp2_tp2_on_8_processes(tmp_path_factory: pytest.TempPathFactory) ->
          "replica_order": {"replicas": 2, "batch_size": 4}, "trainer": {"gradient_clip_val": 0.05}},
         {"name": "3d", "model": "hf_gpt2", "model_kwargs": DP_KW, "devices": 8, "strategy": strategy,
          "trainer": {"gradient_clip_val": 0.05}},
+        {"name": "3d-full", "model": "hf_gpt2", "model_kwargs": DP_KW, "devices": 8,
+         "strategy": {**strategy, "data_parallel_sharding": "full"}, "trainer": {"gradient_clip_val": 0.05}},
     ])  # fmt: skip
     ref = load_result(out, "ref", 0)
-    results = [load_result(out, "3d", r) for r in range(8)]
-    replica_losses = [results[0]["losses"], results[4]["losses"]]  # each replica reports the loss of its own shard
-    for got in results:
-        assert_matches_reference(ref, {**got, "losses": [sum(v) / 2 for v in zip(*replica_losses)]})
+    for job in ("3d", "3d-full"):  # replicated, and ZeRO-3 (parameters, gradients, optimizer state sharded over dp)
+        results = [load_result(out, job, r) for r in range(8)]
+        replica_losses = [results[0]["losses"], results[4]["losses"]]  # each replica reports its own shard's loss
+        for got in results:
+            assert_matches_reference(ref, {**got, "losses": [sum(v) / 2 for v in zip(*replica_losses)]})
