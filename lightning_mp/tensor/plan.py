@@ -21,13 +21,15 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_mp.runtime.errors import ModelSplitError
-from lightning_mp.tensor.flow import BlockFlow
+from lightning_mp.tensor.flow import BlockFlow, Inputs, block_groups, observe_block
 from lightning_mp.tensor.layers import is_linear_like, lora_parts, shard_module, weight_dims
 from lightning_mp.tensor.shard import Runs, ShardSpec, TPGroup, install_sequence_parallel
 
@@ -629,3 +631,40 @@ def _kv_groups(plan: TensorParallelPlan, modules: dict[str, nn.Module], prefix: 
         groups = _first_int(modules[parent_name], ("num_key_value_groups",))
         if groups and groups % plan.size == 0:
             plan.attributes.setdefault(parent_name, {})["num_key_value_groups"] = groups // plan.size
+
+
+def follow_data_flow(
+    root: nn.Module, plan: Any, capture: Callable[[list[str]], dict[str, Inputs]],
+    prepare: Callable[[Inputs], Inputs], device: torch.device,
+) -> str:  # fmt: skip
+    """Re-plan each group of alike blocks of ``plan`` (a ``TensorParallelPlan``) from one block's observed data flow,
+    on the inputs ``capture`` records (``prepare`` makes them fp32 on ``device``); returns the plan report's line.
+
+    Raises:
+        ModelSplitError: a size the split divides does not divide by the tensor-parallel size.
+    """
+    modules = dict(root.named_modules())
+    groups = block_groups(root, plan.container, plan.chosen)
+    if not groups:
+        return ""
+    captured = capture([g[0] for g in groups])
+    by_names: list[str] = []
+    for blocks in groups:
+        first = blocks[0]
+        if first not in captured:
+            by_names.append(f"{first} (not called on the observed batch)")
+            continue
+        try:
+            block = copy.deepcopy(modules[first]).float().to(device)
+            flow = observe_block(block, prepare(captured[first]), plan.size, first)
+        except ModelSplitError:
+            raise
+        except Exception as err:  # the names' plan stands; the self-check judges it
+            by_names.append(f"{first} ({type(err).__name__}: {err})")
+            continue
+        use_block_flow(plan, modules, blocks, flow)
+        if flow.sizes_problem:
+            by_names.append(f"{first}'s sizes ({flow.sizes_problem})")
+    planned = len(groups) - len(by_names)
+    text = f"    data flow: {planned} of {len(groups)} distinct blocks planned from one observed forward"
+    return text + (f"; by names: {', '.join(by_names)}" if by_names else "")

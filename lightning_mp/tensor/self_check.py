@@ -36,8 +36,12 @@ from torch import Tensor, nn
 
 from lightning_mp.runtime.errors import ModelSplitError
 from lightning_mp.runtime.tree import tree_leaves, tree_map
-from lightning_mp.tensor.flow import follow_data_flow
-from lightning_mp.tensor.plan import TensorParallelPlan, apply_tensor_parallel, check_sequence_parallel
+from lightning_mp.tensor.plan import (
+    TensorParallelPlan,
+    apply_tensor_parallel,
+    check_sequence_parallel,
+    follow_data_flow,
+)
 from lightning_mp.tensor.shard import TPGroup, gather_full
 
 CheckMode = Literal["error", "fallback", "off"]
