@@ -156,6 +156,11 @@ class ModelParallel(ParallelStrategy):
         return self._parallel.schedule if self._parallel is not None else self.options.schedule
 
     @property
+    def virtual_stages(self) -> int:
+        """Stages per rank: as run once set up, as asked (resolved) before."""
+        return self._parallel.virtual_stages if self._parallel is not None else self.options.virtual_stages
+
+    @property
     def balance(self) -> Any:
         return self.options.balance
 

@@ -52,6 +52,22 @@ class MetricState:
         return metric
 
 
+@contextmanager
+def preserved_metric_states(module: Any) -> Iterator[None]:
+    """Leave every torchmetrics ``Metric`` in ``module`` as it was: a step run at set-up (to measure or observe the
+    model) must not count in an epoch's metric."""
+    from torchmetrics import Metric
+
+    metrics = [(path, m) for path, m in module.named_modules() if isinstance(m, Metric)]
+    saved = [(MetricState.of(m, path, 0.0), m._computed, m._forward_cache) for path, m in metrics]
+    try:
+        yield
+    finally:
+        for state, computed, cache in saved:
+            metric = state.load_into(module)
+            metric._computed, metric._forward_cache = computed, cache
+
+
 @dataclass
 class LogRecords:
     """The ``self.log`` calls captured during the micro-batches of one step, in call order."""

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_mp.observe.step_logs import LogRecords, capture_logs
+from lightning_mp.observe.step_logs import LogRecords, capture_logs, preserved_metric_states
 from lightning_mp.pipeline.losses import step_loss
 from lightning_mp.pipeline.microbatch import split_batch
 from lightning_mp.plan.discovery import ModelLayers
@@ -57,7 +57,7 @@ def step_on_first_microbatch(module: Any, hook: str, batch: Any, microbatches: i
         microbatch = tree_map(lambda t: t.to("meta"), microbatch)
 
     def run_step() -> Tensor | None:
-        with capture_logs(module, LogRecords(), 1.0):
+        with capture_logs(module, LogRecords(), 1.0), preserved_metric_states(module):
             output = getattr(module, hook)(microbatch, 0)
         return step_loss(output, hook, strict=False)
 
