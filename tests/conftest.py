@@ -15,11 +15,15 @@ import torch
 from lightning_mp.plan.stage_plan import is_placeholder
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a test process may have set that must not reach a job it starts: rank variables, and the seed that
+# ``seed_everything`` (e.g. LightningCLI in a test) leaves in the environment, which would make the job's ranks reseed
+# at set-up while its one-process reference does not.
+JOB_ENV_LEFT_OUT = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 def run_script(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a Python script as a fresh job (no inherited rank variables); Lightning launches the other ranks."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in JOB_ENV_LEFT_OUT}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tests.conftest import ROOT
+from tests.conftest import JOB_ENV_LEFT_OUT, ROOT
 
 STARTED = "All distributed processes registered"  # Lightning, on rank 0, once every rank joined
 ORPHAN_WAIT_S = 20.0  # how long the ranks a run started may outlive it before they are killed
@@ -49,7 +49,7 @@ def run_timed(argv: list[str], timeout: float = 600) -> TimedRun:
     """Run a Python script as :func:`tests.conftest.run_script` does, noting when its ranks had all joined."""
     launched = time.monotonic()
     started: list[float] = []
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in JOB_ENV_LEFT_OUT}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")  # as tests.conftest.run_script
     proc = subprocess.Popen(
         [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
