@@ -310,9 +310,10 @@ class StageRuntime:
             inputs = (args, kwargs)
             if put:
                 inputs = tree_map_with_path(lambda path, t: put.get(path, t), inputs)
-            for carry in outgoing:
-                if carry.source is not None and carry.source[0] == index:
-                    found = dict(tensors_with_paths(inputs))
+            sources = [c for c in outgoing if c.source is not None and c.source[0] == index]
+            if sources:
+                found = dict(tensors_with_paths(inputs))
+                for carry in sources:
                     state.carried_out[carry.key] = found[carry.source[1]]
             return inputs if put else None
 
