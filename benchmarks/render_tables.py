@@ -1,7 +1,7 @@
 """Rewrites the README's benchmark tables from benchmarks/results-*.jsonl (the JSON lines the benchmarks print).
 
-Usage: ``python benchmarks/pipeline.py > benchmarks/results-pipeline.jsonl``, likewise for balance.py and
-schedules.py, then
+Usage: ``python benchmarks/pipeline.py > benchmarks/results-pipeline.jsonl``, likewise for balance.py,
+schedules.py, tensor.py and memory.py, then
 ``python benchmarks/render_tables.py``. Each table sits between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers.
 """
 
@@ -98,6 +98,44 @@ def tensor_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(rows: list[dict]) -> str:
+    mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
+    lines = [
+        "| model | dp × pp | level | parameters MiB (× none) | gradients MiB (× none) | optimizer MiB (× none; ideal) |"
+        " rank total MiB | peak in a step MiB | M parameters per GiB: between steps · peak | steps/s (× none) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        model = f"{r['params_total'] / 1e6:.1f} M, {r['source']}"
+        parts = [f"{mib(r[p])} ({r[f'{p}_vs_none']:.3f})" for p in ("parameters", "gradients")]
+        optimizer = f"{mib(r['optimizer'])} ({r['optimizer_vs_none']:.3f}; {r['optimizer_ideal']:.3f})"
+        peak = mib(r["step_peak"]) if "step_peak" in r else ""
+        per_gib = f"{r['params_per_gib'] / 1e6:.1f}"
+        if "params_per_gib_step" in r:
+            per_gib += f" · {r['params_per_gib_step'] / 1e6:.1f}"
+        speed = f"{r['steps_per_s']:.3f} ({r['speed_vs_none']:.2f})" if "steps_per_s" in r else ""
+        lines.append(
+            f"| {model} | {r['dp']} × {r['pp']} | `{r['level']}` | {parts[0]} | {parts[1]} | {optimizer} |"
+            f" {mib(r['total'])} | {peak} | {per_gib} | {speed} |"
+        )
+    goal = [r for r in rows if r["level"] == "optimizer" and r["source"] == "measured"]
+    full = [r for r in rows if r["level"] == "full" and r["source"] == "measured"]
+    if goal and full:
+        off = max(abs(r["optimizer_vs_ideal"] - 1) for r in goal)
+        best = max(full, key=lambda r: r["params_per_gib"])
+        none = next(r for r in rows if r["level"] == "none" and r["source"] == "measured" and r["dp"] == best["dp"])
+        at = f"dp {best['dp']} × pp {best['pp']}"
+        lines += [
+            "",
+            f"Measured optimizer state at `optimizer`: within {100 * off:.2f}% of the ideal 1/dp of `none`'s at every"
+            f" layout (goal: 5%). At `full`, one GiB of rank memory holds the parameters, gradients and AdamW state of"
+            f" {best['params_per_gib'] / 1e6:.0f} M parameters between steps at {at} (`none`:"
+            f" {none['params_per_gib'] / 1e6:.0f} M), and {best['params_per_gib_step'] / 1e6:.0f} M at the peak of a"
+            " step.",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -106,6 +144,7 @@ def main() -> None:
         ("balance-table", balance_table),
         ("schedules-table", schedules_table),
         ("tensor-table", tensor_table),
+        ("memory-table", memory_table),
     )
     for name, render in tables:
         results = ROOT / "benchmarks" / f"results-{name.split('-')[0]}.jsonl"

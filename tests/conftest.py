@@ -66,3 +66,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "distributed: runs real multi-process training (slow; skip with -m 'not distributed')"
     )
+    config.addinivalue_line(
+        "markers", "cuda: needs CUDA GPUs (skipped without them); run on a machine with 2 or more GPUs: pytest -m cuda"
+    )

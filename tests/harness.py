@@ -3,7 +3,8 @@
 Usage: ``python tests/harness.py JOBS.json OUT_DIR``. JOBS.json holds a list of jobs; each runs ``trainer.fit`` on a
 test model (tests/models.py). With ``devices`` > 1 Lightning's own launcher starts the other ranks, which re-run this
 script. Every rank writes ``OUT_DIR/<job>/rank<r>.pt``: the loss returned by each step, the logged metrics, and the
-rank's parameters by name. A job without ``strategy`` runs in one process with no strategy: the reference.
+rank's parameters by name. A job without ``strategy`` runs in one process with no strategy: the reference. Jobs run
+on the CPU unless ``"accelerator": "gpu"`` (one GPU per rank, NCCL between them; tests/test_cuda.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Recorder(L.Callback):
 
 def run_job(job: dict[str, Any], out_dir: Path) -> None:
     torch.set_num_threads(1)
+    accelerator = job.get("accelerator", "cpu")
+    if accelerator == "gpu":  # plain fp32 matrix products (no TF32), as on the CPU: exactness is tested to 1e-5
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     with torch.device("meta") if job.get("meta") else contextlib.nullcontext():
         model = make_model(job["model"], **job.get("model_kwargs", {}))
     strategy_kwargs = job.get("strategy")
@@ -82,6 +87,11 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         from lightning_mp.observe.timeline import PipelineTimeline
 
         callbacks.append(PipelineTimeline(dirpath=out_dir / job["name"], steps=2))
+    summary = None
+    if job.get("summary"):  # PipelineSummary: step time, every rank's busy/wait (and GPU-Util on a GPU)
+        from lightning_mp.observe.callbacks import PipelineSummary
+
+        callbacks.append(summary := PipelineSummary())
     if job.get("crash_in_save"):
         _crash_in_save(**job["crash_in_save"])
     if job.get("checkpoint_every"):
@@ -96,7 +106,7 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
             )
         )
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy=strategy,
         max_steps=job.get("max_steps", 4),
@@ -115,7 +125,8 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
     if order:
         model.train_dataloader = _replica_ordered_loader(model, **order)  # type: ignore[method-assign]
     resume = job.get("resume_from")
-    trainer.fit(model, ckpt_path=str(out_dir / resume) if resume else None)
+    with _fake_gpu_util(job.get("fake_gpu_util")):
+        trainer.fit(model, ckpt_path=str(out_dir / resume) if resume else None)
     if job.get("save_to"):
         trainer.save_checkpoint(out_dir / job["save_to"])
     rank = trainer.global_rank
@@ -130,6 +141,7 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         "params": _parameters(trainer, model),
         "stage": getattr(trainer.strategy, "stage", 0),
         "predictions": predictions,
+        "summary": summary.summary if summary is not None else None,
     }
     target = out_dir / job["name"]
     target.mkdir(parents=True, exist_ok=True)
@@ -139,9 +151,27 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
 def _parameters(trainer: L.Trainer, model: L.LightningModule) -> dict[str, torch.Tensor]:
     """The rank's parameters by name; tensor-parallel shards gathered whole."""
     full = getattr(trainer.strategy, "full_parameters", None)
-    if full is not None:
-        return full()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = full() if full is not None else {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().cpu() for n, p in params.items()}  # GPU runs: readable where the test process compares
+
+
+@contextlib.contextmanager
+def _fake_gpu_util(readings: list[float] | None) -> Any:
+    """With ``readings`` (one per global rank): NVML's GPU utilization faked on the CPU, rank r reading
+    ``readings[r]``, so that its path to the logs (a real collective over the ranks) is tested without a GPU."""
+    if readings is None:
+        yield
+        return
+    import lightning_mp.observe.monitor as monitor
+    import lightning_mp.runtime.clock as clock
+
+    saved = monitor.reads_utilization, clock.device_utilization
+    monitor.reads_utilization = lambda device: True
+    clock.device_utilization = lambda device: readings[torch.distributed.get_rank()]
+    try:
+        yield
+    finally:
+        monitor.reads_utilization, clock.device_utilization = saved
 
 
 def _crash_in_save(rank: int, call: int) -> None:
@@ -162,22 +192,47 @@ def _crash_in_save(rank: int, call: int) -> None:
 
 def _replica_ordered_loader(model: L.LightningModule, replicas: int, batch_size: int) -> Any:
     """The one-process equivalent of ``replicas`` data-parallel ranks under Lightning's DistributedSampler: step k
-    sees replica 0's batch k, then replica 1's, and so on."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    sees replica 0's batch k, then replica 1's, and so on; each epoch in that epoch's order (Lightning calls the
+    sampler's ``set_epoch``, as it does the DistributedSampler's), so a run over several epochs, or resumed in a
+    later one, sees what the replicas saw."""
+    from torch.utils.data import DataLoader
 
-    dataset = model.dataset(0)
-    shards = [
-        list(DistributedSampler(dataset, num_replicas=replicas, rank=r, shuffle=True, seed=0)) for r in range(replicas)
-    ]
-    order = []
-    for start in range(0, len(shards[0]), batch_size):
-        for shard in shards:
-            order.extend(shard[start : start + batch_size])
+    sampler = _ReplicaOrder(model.dataset(0), replicas, batch_size)
 
     def loader() -> DataLoader:
-        return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size * replicas, shuffle=False)
+        return DataLoader(sampler.dataset, batch_size=batch_size * replicas, sampler=sampler, shuffle=False)
 
     return loader
+
+
+class _ReplicaOrder(torch.utils.data.Sampler):
+    """Indices in the order of :func:`_replica_ordered_loader`, for the epoch last given to ``set_epoch``."""
+
+    def __init__(self, dataset: Any, replicas: int, batch_size: int) -> None:
+        self.dataset, self.replicas, self.batch_size, self.epoch = dataset, replicas, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        from torch.utils.data import DistributedSampler
+
+        shards = []
+        for r in range(self.replicas):
+            sampler = DistributedSampler(self.dataset, num_replicas=self.replicas, rank=r, shuffle=True, seed=0)
+            sampler.set_epoch(self.epoch)
+            shards.append(list(sampler))
+        order = []
+        for start in range(0, len(shards[0]), self.batch_size):
+            for shard in shards:
+                order.extend(shard[start : start + self.batch_size])
+        return order
+
+    def __iter__(self) -> Any:
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        return len(self._order())
 
 
 def main() -> None:

@@ -121,6 +121,21 @@ class ConfiguredNet(SequentialNet):
                 self.net = nn.Sequential(*layers, nn.Linear(16, 4))
 
 
+class WideNet(SequentialNet):
+    """A wide MLP classifier on (x, y) batches, for GPU runs: every message between stages holds micro-batch × width
+    values (1,024 samples × 4,096 fp32 = 16 MiB)."""
+
+    def __init__(self, width: int = 4096, layers: int = 4, **kw: Any) -> None:
+        Base.__init__(self, **kw)
+        self.width = width
+        blocks = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(layers)]
+        self.net = nn.Sequential(*blocks, nn.Linear(width, 4))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def dataset(self, seed: int) -> Dataset:
+        return VectorData(self.n, dim=self.width, seed=seed)
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -306,6 +321,7 @@ MODELS = {
     "example_gpt": ExampleGPT,
     "hf_bert_metrics": BertWithMetrics,
     "configured": ConfiguredNet,
+    "wide": WideNet,
 }
 
 

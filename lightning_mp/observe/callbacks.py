@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -14,9 +15,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 class PipelineSummary(L.Callback):
     """Prints, on global rank 0 after training, the steps/s and each stage's busy and waiting time per step.
 
-    "busy" is forward and backward compute; "wait" is time blocked on receives from the neighbouring stages. The
-    first ``skip`` steps are left out of the averages (warm-up); stage times cover the last 1000 steps. The summary
-    is also kept as ``self.summary``.
+    "busy" is forward and backward compute; "wait" is time blocked on receives from the neighbouring stages. On
+    GPUs whose utilization NVML reports, a "GPU-Util" column adds each rank's mean ``nvidia-smi`` GPU-Util (percent,
+    read once per step; ``gpu_util`` in each row, None for a rank that could not read it); on a CPU there is no such
+    column or key. The first ``skip`` steps are left out of the averages (warm-up); stage times cover the last 1000
+    steps. The summary is also kept as ``self.summary``.
     """
 
     def __init__(self, skip: int = 1) -> None:
@@ -39,6 +42,7 @@ class PipelineSummary(L.Callback):
             "busy_s": sum(s.busy for s in stats) / max(len(stats), 1),
             "wait_s": sum(s.wait for s in stats) / max(len(stats), 1),
             "wall_s": sum(s.wall for s in stats) / max(len(stats), 1),
+            "gpu_util": _mean([s.utilization for s in stats if s.utilization is not None]),
         }
         rows = [mine]
         if dist.is_available() and dist.is_initialized():
@@ -49,6 +53,11 @@ class PipelineSummary(L.Callback):
             rows = [dict(zip(fields, t.tolist())) for t in gathered]
             for row in rows:
                 row["rank"], row["stage"] = int(row["rank"]), int(row["stage"])
+        has_util = any(not math.isnan(r["gpu_util"]) for r in rows)  # a GPU with NVML; never on a CPU
+        for row in rows:
+            util = row.pop("gpu_util")
+            if has_util:
+                row["gpu_util"] = None if math.isnan(util) else util
         times = self.step_times[self.skip :] or self.step_times
         step_s = sum(times) / max(len(times), 1)
         shares = [r["busy_s"] / r["wall_s"] for r in rows if r["wall_s"]]
@@ -63,11 +72,20 @@ class PipelineSummary(L.Callback):
         lines = [
             f"lightning-mp summary: {len(self.step_times)} steps, {self.summary['steps_per_s']:.2f} steps/s"
             f" ({step_s:.3f} s/step over the last {len(times)})",
-            f"  {'rank':>4} {'stage':>5} {'busy s/step':>12} {'wait s/step':>12} {'busy %':>7}",
+            f"  {'rank':>4} {'stage':>5} {'busy s/step':>12} {'wait s/step':>12} {'busy %':>7}"
+            + (f" {'GPU-Util':>9}" if has_util else ""),
         ]
         for r in sorted(rows, key=lambda r: (r["stage"], r["rank"])):
             share = 100 * r["busy_s"] / r["wall_s"] if r["wall_s"] else 0.0
-            lines.append(f"  {r['rank']:>4} {r['stage']:>5} {r['busy_s']:>12.3f} {r['wait_s']:>12.3f} {share:>6.1f}%")
+            line = f"  {r['rank']:>4} {r['stage']:>5} {r['busy_s']:>12.3f} {r['wait_s']:>12.3f} {share:>6.1f}%"
+            if has_util:
+                line += f" {r['gpu_util']:>8.1f}%" if r["gpu_util"] is not None else f" {'n/a':>9}"
+            lines.append(line)
         if plan is not None:  # the whole plan was printed at start-up: only a reminder here
             lines.append(f"  balance={plan.balance} ({plan.balance_method}), as in the stage plan printed at start-up")
         rank_zero_info("\n".join(lines))
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of ``values``; NaN for none."""
+    return sum(values) / len(values) if values else math.nan

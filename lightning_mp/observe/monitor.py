@@ -2,15 +2,19 @@
 stages are measurably imbalanced.
 
 Each step, every stage reports its busy time (forward and backward compute), its time blocked on receives and its
-step time; all stages' reports reach every rank, so every rank logs the same metrics.
+step time (on GPUs also its utilization as NVML reports it, :func:`stage_utilization`); all stages' reports reach
+every rank, so every rank logs the same metrics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from lightning_mp.observe.stats import StepStats
 from lightning_mp.plan.partition import optimal_balance
+from lightning_mp.runtime import clock
 
 # Forward + backward ≈ 3 × forward for the matrix products that dominate a layer (backward computes two of them).
 BACKWARD_FACTOR = 3.0
@@ -89,3 +93,15 @@ class StageMonitor:
             costs = [busy / count for busy, count in zip(self.busy_sum, self.balance) for _ in range(count)]
             better = optimal_balance(costs, p)
         return better if better != self.balance else None
+
+
+def reads_utilization(device: torch.device) -> bool:
+    """Whether a stage on ``device`` reads its GPU utilization each step: on a GPU only (alike on every rank: one
+    job runs on one kind of accelerator)."""
+    return device.type == "cuda"
+
+
+def stage_utilization(device: torch.device) -> float | None:
+    """This stage's GPU utilization as NVML reports it (``nvidia-smi``'s GPU-Util, percent), read once per training
+    step and shared with the step's statistics (no collective of its own); None on a CPU or without NVML."""
+    return clock.device_utilization(device) if reads_utilization(device) else None

@@ -16,3 +16,5 @@ class StepStats:
     peak_activation_bytes: int = 0  # tensors saved for backward by the micro-batches in flight, at their peak
     # (kind, micro-batch, start, end) in seconds since the runner's time origin; kind: F, B, W, recv, send
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
+    # NVML GPU-Util (percent) of the stage's device, read once after the step; None on a CPU or without NVML
+    utilization: float | None = None

@@ -22,8 +22,9 @@ from lightning_mp.pipeline.losses import step_loss
 from lightning_mp.pipeline.stage import StageDone, StageRuntime
 from lightning_mp.pipeline.weight_grads import DeferredWeightGrads
 from lightning_mp.plan.profiling import storage_id
-from lightning_mp.plan.schedules import Action
+from lightning_mp.plan.schedules import Action, TickPlan
 from lightning_mp.runtime.clock import clock_for
+from lightning_mp.runtime.exchange import TickExchange
 from lightning_mp.runtime.messages import P2P, Received
 
 
@@ -45,8 +46,8 @@ class _InFlight:
 class PipelineExecutor:
     """Executes schedule actions on one stage. ``run_microbatch(i)`` runs the user's step on micro-batch ``i``.
 
-    ``rank_of_stage(k)`` is the global rank that runs (virtual) stage ``k``. With several stages per rank
-    (``runtime.chunks``) every message is keyed by its stage and micro-batch (see comm.py).
+    ``rank_of_stage(k)`` is the global rank that runs (virtual) stage ``k``, ``global_rank(r)`` that of pipeline rank
+    ``r``. With several stages per rank (``runtime.chunks``) messages go tick by tick (runtime/exchange.py).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class PipelineExecutor:
         runtime: StageRuntime,
         p2p: P2P,
         rank_of_stage: Callable[[int], int],
+        global_rank: Callable[[int], int] | None = None,
         activation_checkpointing: str = "never",
         deferred: DeferredWeightGrads | None = None,
     ) -> None:
@@ -61,7 +63,7 @@ class PipelineExecutor:
         self.deferred = deferred  # zero_bubble: weight gradients run while waiting (weight_grads.py)
         self.p2p = p2p
         self.rank_of_stage = rank_of_stage
-        self.keyed = len(runtime.chunks) > 1
+        self.exchange = TickExchange(p2p, global_rank or (lambda r: r)) if len(runtime.chunks) > 1 else None
         self.activation_checkpointing = activation_checkpointing
         self.clock = clock_for(p2p.device)  # device time: CUDA events on a GPU, perf_counter on a CPU
         self.time_origin = time.perf_counter()  # spans are relative to it (set alike on every rank after a barrier)
@@ -75,13 +77,19 @@ class PipelineExecutor:
         run_microbatch: Callable[[int], Any],
         backward_loss: Callable[[int, Tensor], Tensor] | None = None,
         signatures: Sequence[Any] | None = None,
+        ticks: TickPlan | None = None,
     ) -> StepResult:
         """Run ``actions``; with ``backward_loss`` (training) the last stage back-propagates
         ``backward_loss(i, loss_i)`` for micro-batch ``i``. ``signatures[i]`` says what shapes micro-batch ``i``'s
-        messages: alike on every stage, it lets them skip the header of a structure sent before (messages.py)."""
+        messages: alike on every stage, it lets them skip the header of a structure sent before (messages.py).
+        With several stages per rank, ``ticks`` is the rank's plan (its actions, their ticks and its exchanges)."""
         result = StepResult(outputs=[None] * (max(a.microbatch for a in actions) + 1))
         stats = result.stats
-        self._spec_keys = None if self.keyed else signatures
+        self._spec_keys = signatures
+        exchange = self.exchange
+        if exchange is not None:
+            assert ticks is not None and list(ticks.actions) == list(actions), "a tick plan of these actions"
+            exchange.start(ticks.exchanges, self._spec_key if signatures is not None else None)
         self._marks = []
         self.clock.start_step()
         start = self.clock.mark()
@@ -94,8 +102,11 @@ class PipelineExecutor:
         if deferred is not None:
             deferred.enabled = True
         try:
-            for action in actions:
+            for j, action in enumerate(actions):
                 key = (action.microbatch, action.stage)
+                if exchange is not None:
+                    assert ticks is not None
+                    exchange.advance(ticks.ticks[j])
                 if deferred is not None:
                     deferred.microbatch = action.microbatch
                 if action.kind == "F":
@@ -119,6 +130,8 @@ class PipelineExecutor:
             if deferred is not None:
                 self._run_deferred(stats, keep=0)
             t0 = self.clock.mark()
+            if exchange is not None:
+                exchange.finish()
             self.p2p.wait_sends()
             self._span(stats, "send", -1, t0)
             self.runtime.check_no_bypass()
@@ -174,20 +187,18 @@ class PipelineExecutor:
         """What the structure of (unkeyed) stage ``stage``'s message about micro-batch ``index`` is known by."""
         return None if self._spec_keys is None else (stage, self._spec_keys[index])
 
-    def _key(self, kind: str, stage: int, index: int) -> tuple[str, int, int] | None:
-        """The key of a message to (virtual) stage ``stage`` about micro-batch ``index`` (None: unkeyed)."""
-        return (kind, stage, index) if self.keyed else None
-
     def _forward(self, action: Action, run_microbatch: Callable[[int], Any], result: StepResult) -> _InFlight:
         stats = result.stats
         item = _InFlight()
         index, stage = action.microbatch, action.stage
         if stage > 0:
             t0 = self.clock.mark()
-            label = f"the activation of micro-batch {index}"
-            key = self._key("F", stage, index)
-            source = self.rank_of_stage(stage - 1)
-            item.received = self.p2p.recv_activation(source, label, key, self._spec_key(stage - 1, index))
+            if self.exchange is not None:
+                item.received = self.exchange.take(("F", stage, index))
+            else:
+                label = f"the activation of micro-batch {index}"
+                source = self.rank_of_stage(stage - 1)
+                item.received = self.p2p.recv_activation(source, label, self._spec_key(stage - 1, index))
             self._span(stats, "recv", index, t0)
         self.p2p.flush()  # the previous action's sends, when no receive took them along
         t0 = self.clock.mark()
@@ -204,10 +215,12 @@ class PipelineExecutor:
         self._span(stats, "F", index, t0)
         if self.runtime.is_final(stage):
             result.outputs[index] = output
+        elif self.exchange is not None:
+            item.sent = self.exchange.put(("F", stage + 1, index), captured)
         else:
             label = f"the activation of micro-batch {index}"
-            key, spec_key = self._key("F", stage + 1, index), self._spec_key(stage, index)
-            item.sent = self.p2p.send_activation(captured, self.rank_of_stage(stage + 1), label, key, spec_key)
+            spec_key = self._spec_key(stage, index)
+            item.sent = self.p2p.send_activation(captured, self.rank_of_stage(stage + 1), label, spec_key)
         return item
 
     def _backward(self, action: Action, item: _InFlight, stats: StepStats) -> None:
@@ -221,11 +234,11 @@ class PipelineExecutor:
         else:
             source = self.rank_of_stage(stage + 1)
             filling = self.deferred is not None and self.deferred.enabled
-            if filling and self.keyed:  # zero_bubble_v: weight gradients fill the wait for the next message
+            if self.exchange is not None:  # zero_bubble_v: weight gradients fill the wait for the gradients
+                fill = (lambda: self._fill_one(stats)) if filling else None
                 t0 = self.clock.mark()
-                outputs, grads = self.p2p.recv_grads(
-                    item.sent, source, label, self._key("B", stage, index), lambda: self._fill_one(stats)
-                )
+                outputs = [t for t in item.sent if t.requires_grad]
+                grads = self.exchange.take_grads(("B", stage, index), fill)
             elif filling:
                 assert self.deferred is not None
                 pending = self.p2p.irecv_grads(item.sent, source, label)
@@ -235,16 +248,19 @@ class PipelineExecutor:
                 outputs, grads = pending.wait()
             else:
                 t0 = self.clock.mark()
-                outputs, grads = self.p2p.recv_grads(item.sent, source, label, self._key("B", stage, index))
+                outputs, grads = self.p2p.recv_grads(item.sent, source, label)
             self._span(stats, "recv", index, t0)
             self.p2p.flush()
             t0 = self.clock.mark()
             if outputs:
                 torch.autograd.backward(outputs, grads)
         self._span(stats, "B", index, t0)
-        if item.received is not None:
-            key = self._key("B", stage - 1, index)
-            self.p2p.send_grads(item.received, self.rank_of_stage(stage - 1), label, key)
+        if item.received is None:
+            pass
+        elif self.exchange is not None:
+            self.exchange.put_grads(("B", stage - 1, index), item.received)
+        else:
+            self.p2p.send_grads(item.received, self.rank_of_stage(stage - 1), label)
 
 
 class _ActivationMemory:

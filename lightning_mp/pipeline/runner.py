@@ -19,7 +19,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_mp.observe.monitor import StageMonitor
+from lightning_mp.observe.monitor import StageMonitor, stage_utilization
 from lightning_mp.observe.stats import StepStats
 from lightning_mp.observe.step_logs import LogRecords, capture_logs, replay_logs
 from lightning_mp.observe.timeline import ideal_bubble
@@ -28,7 +28,7 @@ from lightning_mp.pipeline.losses import StepLosses
 from lightning_mp.pipeline.microbatch import batch_size_of, concat_microbatches, split_batch
 from lightning_mp.pipeline.stage import StageRuntime
 from lightning_mp.pipeline.weight_grads import DeferredWeightGrads
-from lightning_mp.plan.schedules import DEFERRING, build_schedule, forward_only
+from lightning_mp.plan.schedules import DEFERRING, build_schedule, forward_only, tick_plan
 from lightning_mp.runtime.messages import P2P, all_gather_objects, broadcast_object
 from lightning_mp.runtime.tree import tree_leaves
 
@@ -84,6 +84,7 @@ class PipelineRunner:
             runtime,
             p2p or P2P(device),
             rank_of_stage=lambda k: self.pp_ranks[placement[k]],
+            global_rank=lambda r: self.pp_ranks[r],
             activation_checkpointing=activation_checkpointing,
             deferred=self._deferred_weight_grads(runtime) if schedule in DEFERRING else None,
         )
@@ -129,6 +130,8 @@ class PipelineRunner:
                 " is matched exactly when the step returns the output of F.cross_entropy (or nn.CrossEntropyLoss, a"
                 " Hugging Face model's loss, F.nll_loss, an mse/l1-style loss, Tensor.mean) itself."
             )
+        if self.monitor is not None:
+            result.stats.utilization = stage_utilization(self.device)
         loss, norm = self._share(records, (loss, norm), total, result.stats)
         self.history.append(dataclasses.replace(result.stats, spans=[]))
         return loss, norm
@@ -172,11 +175,15 @@ class PipelineRunner:
             )
         losses = StepLosses(sizes, 1.0 if loss_scale is None else loss_scale, self.loss_normalization)
         records = LogRecords()
-        stage, stages = self.runtime.stage, len(self.pp_ranks)
-        if loss_scale is None:
-            actions = forward_only(stage, stages, len(microbatches), self.chunks, self.schedule)
+        stage, stages, m = self.runtime.stage, len(self.pp_ranks), len(microbatches)
+        ticks = None
+        if self.chunks > 1:  # several stages per rank: messages go tick by tick (runtime/exchange.py)
+            ticks = tick_plan(self.schedule, stage, stages, m, self.chunks, training=loss_scale is not None)
+            actions = list(ticks.actions)
+        elif loss_scale is None:
+            actions = forward_only(stage, stages, m, self.chunks, self.schedule)
         else:
-            actions = build_schedule(self.schedule, stage, stages, len(microbatches), self.chunks)
+            actions = build_schedule(self.schedule, stage, stages, m, self.chunks)
         run = self._step_fn(hook, microbatches, rest, records, losses)
         backward_loss = None
         if loss_scale is not None:
@@ -186,7 +193,7 @@ class PipelineRunner:
                 backward_loss = lambda i, loss: scale(losses.backward_loss(i, loss))  # noqa: E731
                 scale(torch.zeros((), device=self.device))  # every rank's scaler holds its scale (unscale_ needs it)
         with self.step_context():
-            result = self.executor.run(actions, run, backward_loss, signatures(microbatches, hook))
+            result = self.executor.run(actions, run, backward_loss, signatures(microbatches, hook), ticks)
         return result, records, losses, sum(sizes)
 
     def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, losses: StepLosses):
@@ -222,6 +229,8 @@ class PipelineRunner:
             metrics["pipeline/bubble_ideal"] = ideal_bubble(self.schedule, len(stages), self.microbatches, self.chunks)
             for stage, s in enumerate(stages):
                 metrics[f"pipeline/stage{stage}_peak_activation_mb"] = s.peak_activation_bytes / 2**20
+                if s.utilization is not None:  # a GPU whose NVML reads
+                    metrics[f"pipeline/stage{stage}_gpu_util"] = s.utilization
             for name, value in metrics.items():
                 self.module.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
             self._advise()

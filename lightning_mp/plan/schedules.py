@@ -10,6 +10,7 @@ posts them: each action's receive together with the previous action's sends).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
@@ -83,12 +84,16 @@ def interleaved_1f1b(stage: int, num_stages: int, num_microbatches: int, chunks:
     ``p`` does not divide ``m`` (or ``m < p``) the last round is shorter, and the warm-up grows until a simulation
     of every rank's order completes.
     """
-    p, m = num_stages, num_microbatches
+    return list(_interleaved_orders(num_stages, num_microbatches, chunks)[stage])
+
+
+@functools.lru_cache(maxsize=64)
+def _interleaved_orders(p: int, m: int, chunks: int) -> tuple[tuple[Action, ...], ...]:
     extra = 0
     while True:
         orders = [_interleaved_order(r, p, m, chunks, extra) for r in range(p)]
         if simulate(orders, p * chunks):
-            return orders[stage]
+            return tuple(map(tuple, orders))
         extra += 1
 
 
@@ -120,10 +125,11 @@ def zero_bubble_v(stage: int, num_stages: int, num_microbatches: int) -> list[Ac
     starts the action that can start earliest (backwards, then the deeper stage, first), and lets a new micro-batch
     into its first stage only while it holds fewer than 2p stage-micro-batches (1F1B's activation memory).
     """
-    return _v_orders(num_stages, num_microbatches)[stage]
+    return list(_v_orders(num_stages, num_microbatches)[stage])
 
 
-def _v_orders(p: int, m: int) -> list[list[Action]]:
+@functools.lru_cache(maxsize=64)
+def _v_orders(p: int, m: int) -> tuple[tuple[Action, ...], ...]:
     last = 2 * p - 1
     ranks = stage_ranks("zero_bubble_v", p, 2)
     finish: dict[tuple[str, int, int], float] = {}
@@ -151,7 +157,7 @@ def _v_orders(p: int, m: int) -> list[list[Action]]:
         next_mb[(action.kind, action.stage)] += 1
         held[r] += 1 if action.kind == "F" else -1
         orders[r].append(action)
-    return orders
+    return tuple(map(tuple, orders))
 
 
 def needs(action: Action, num_virtual: int) -> list[tuple[str, int, int]]:
@@ -202,6 +208,68 @@ def simulate(
 
 
 Op = tuple[int, int, tuple[str, int, int], str]  # (source rank, destination rank, message, part)
+Message = tuple[str, int, int]  # ("F", k, i): micro-batch i's activation into stage k; ("B", k, i): its gradient
+
+
+class Exchange(NamedTuple):
+    """The messages a rank exchanges at the end of ``tick``: what its action of that tick sends to other ranks, and
+    what the other ranks' actions of that tick send to it. Each list is in message order, alike on both sides."""
+
+    tick: int
+    sends: tuple[tuple[int, Message], ...]  # (destination pipeline rank, message)
+    recvs: tuple[tuple[int, Message], ...]  # (source pipeline rank, message)
+
+
+def action_ticks(orders: Sequence[Sequence[Action]], num_virtual: int) -> list[list[int]]:
+    """The tick of every action: each rank runs at most one action per tick, in its order, one tick after the
+    latest of its previous action and what it :func:`needs` (the step played out with equal action times)."""
+    ticks: list[list[int]] = [[] for _ in orders]
+    finish: dict[tuple[str, int, int], int] = {}
+    for r, a in play_out(orders, num_virtual):
+        before = [ticks[r][-1]] if ticks[r] else []
+        tick = max(before + [finish[n] for n in needs(a, num_virtual)], default=-1) + 1
+        ticks[r].append(tick)
+        finish[(a.kind, a.microbatch, a.stage)] = tick
+    if sum(map(len, ticks)) != sum(map(len, orders)):
+        raise ValueError("the schedule's orders deadlock: no tick plan exists")
+    return ticks
+
+
+def _sends_of(a: Action, ranks: Sequence[int]) -> list[tuple[int, Message]]:
+    """(rank, message) for what action ``a`` sends: a forward its activation to the next stage, a backward the
+    gradient of its input to the previous one."""
+    if a.kind == "F" and a.stage < len(ranks) - 1:
+        return [(ranks[a.stage + 1], ("F", a.stage + 1, a.microbatch))]
+    if a.kind == "B" and a.stage > 0:
+        return [(ranks[a.stage - 1], ("B", a.stage - 1, a.microbatch))]
+    return []
+
+
+def exchange_plan(orders: Sequence[Sequence[Action]], ranks: Sequence[int]) -> list[list[Exchange]]:
+    """Each rank's exchanges, in tick order: the message protocol of schedules with several stages per rank.
+
+    A message goes out at the end of the tick that computed it, and its receiver posts the receive in its exchange
+    of that same tick, long before it needs it: every operation of a rank's tick-t exchange meets its peer in the
+    peer's tick-t exchange, so, taken in tick order, exchanges complete with blocking sends on one stream per rank
+    (each rank computes its tick-t action from exchanges before t). No message needs a key: both sides know which
+    message each operation carries.
+    """
+    p = len(orders)
+    sends: list[dict[int, list]] = [{} for _ in range(p)]
+    recvs: list[dict[int, list]] = [{} for _ in range(p)]
+    for r, (order, ticks) in enumerate(zip(orders, action_ticks(orders, len(ranks)))):
+        for a, tick in zip(order, ticks):
+            for dst, msg in _sends_of(a, ranks):
+                if dst != r:
+                    sends[r].setdefault(tick, []).append((dst, msg))
+                    recvs[dst].setdefault(tick, []).append((r, msg))
+    return [
+        [
+            Exchange(t, tuple(sorted(sends[r].get(t, []))), tuple(sorted(recvs[r].get(t, []))))
+            for t in sorted(set(sends[r]) | set(recvs[r]))
+        ]
+        for r in range(p)
+    ]
 
 
 def comm_program(
@@ -210,39 +278,27 @@ def comm_program(
     """Each rank's point-to-point operations as the executor posts them: a list of batches, run in order.
 
     A message ("F", k, i) carries micro-batch i's activation into stage k, ("B", k, i) its gradient into stage k;
-    messages between stages on one rank are handed over locally. ``batched`` (the executor): an action's receive
-    goes out together with the sends queued since the last post, headers in one batch and tensors in the next (a
-    receiver posts a message's tensors only once it has read its header), and sends with nothing to receive go out
-    before the next computation; otherwise (the old executor) every operation is its own batch, sends posted at
-    once. A keyed message (several stages per rank) is read in the sender's order, earlier ones kept, each with its
-    header; with ``headers`` (a step with new shapes) an unkeyed activation carries one too.
+    messages between stages on one rank are handed over locally. With one stage per rank, ``batched`` (the
+    executor): an action's receive goes out together with the sends queued since the last post, headers in one batch
+    and tensors in the next (a receiver posts a message's tensors only once it has read its header), and sends with
+    nothing to receive go out before the next computation; otherwise (the old executor) every operation is its own
+    batch, sends posted at once. With several stages per rank, the exchanges of :func:`exchange_plan`, each as a
+    batch of headers (when it has any) and one of tensors. With ``headers`` (a step with new shapes) activations
+    carry a header.
     """
-    p, last = len(orders), len(ranks) - 1
-    keyed = len(ranks) > p
-
-    def sends_of(a: Action) -> list[tuple[int, tuple[str, int, int]]]:
-        out = []
-        if a.kind == "F" and a.stage < last:
-            out.append((ranks[a.stage + 1], ("F", a.stage + 1, a.microbatch)))
-        if a.kind == "B" and a.stage > 0:
-            out.append((ranks[a.stage - 1], ("B", a.stage - 1, a.microbatch)))
-        return out
-
-    def has_header(msg: tuple[str, int, int]) -> bool:
-        return keyed or (headers and msg[0] == "F")
-
-    sent_to: dict[tuple[int, int], list[tuple[str, int, int]]] = {}  # (src, dst) -> messages in send order
+    p = len(orders)
+    if len(ranks) > p:
+        return _exchange_program(exchange_plan(orders, ranks), headers)
+    sent_to: dict[tuple[int, int], list[Message]] = {}  # (src, dst) -> messages in send order
     for r, order in enumerate(orders):
         for a in order:
-            for dst, msg in sends_of(a):
+            for dst, msg in _sends_of(a, ranks):
                 if dst != r:
                     sent_to.setdefault((r, dst), []).append(msg)
     programs: list[list[set[Op]]] = []
     for r, order in enumerate(orders):
         batches: list[set[Op]] = []
         outbox: dict[str, set[Op]] = {"header": set(), "tensors": set()}
-        read = dict.fromkeys(range(p), 0)  # messages read from each source (keyed: in its order)
-        stash: set[tuple[str, int, int]] = set()
 
         def post(part: str, ops: set[Op], batches: list[set[Op]] = batches, outbox: dict = outbox) -> None:
             if batched:
@@ -253,37 +309,36 @@ def comm_program(
                 batches.extend({op} for op in sorted(ops))
 
         for a in order:
-            wanted = None
-            if a.kind == "F" and a.stage > 0 and ranks[a.stage - 1] != r:
-                wanted = (ranks[a.stage - 1], ("F", a.stage, a.microbatch))
-            if a.kind == "B" and a.stage < last and ranks[a.stage + 1] != r:
-                wanted = (ranks[a.stage + 1], ("B", a.stage, a.microbatch))
-            if wanted is not None and wanted[1] not in stash:
-                src, msg = wanted
-                queue = sent_to.get((src, r), [])
-                while True:
-                    got = queue[read[src]] if keyed else msg
-                    read[src] += 1
-                    post("header", {(src, r, got, "header")} if has_header(got) else set())
-                    post("tensors", {(src, r, got, "tensors")})
-                    if got == msg:
-                        break
-                    stash.add(got)
-            else:
-                if wanted is not None:
-                    stash.discard(wanted[1])
-                post("header", set())
-                post("tensors", set())
-            for dst, msg in sends_of(a):  # computed: its sends are queued (posted at once without batching)
-                if dst == r:
-                    continue
-                for part in ("header", "tensors") if has_header(msg) else ("tensors",):
+            src = None
+            if a.kind == "F" and a.stage > 0:
+                src, msg = ranks[a.stage - 1], ("F", a.stage, a.microbatch)
+            if a.kind == "B" and a.stage < len(ranks) - 1:
+                src, msg = ranks[a.stage + 1], ("B", a.stage, a.microbatch)
+            header = src is not None and headers and msg[0] == "F"
+            post("header", {(src, r, msg, "header")} if header else set())
+            post("tensors", {(src, r, msg, "tensors")} if src is not None else set())
+            for dst, out in _sends_of(a, ranks):  # computed: its sends are queued (posted at once without batching)
+                for part in ("header", "tensors") if headers and out[0] == "F" else ("tensors",):
                     if batched:
-                        outbox[part].add((r, dst, msg, part))
+                        outbox[part].add((r, dst, out, part))
                     else:
-                        batches.append({(r, dst, msg, part)})
+                        batches.append({(r, dst, out, part)})
         post("header", set())
         post("tensors", set())
+        programs.append(batches)
+    return programs
+
+
+def _exchange_program(plan: Sequence[Sequence[Exchange]], headers: bool) -> list[list[set[Op]]]:
+    """The batches of :func:`exchange_plan`'s exchanges (see :func:`comm_program`)."""
+    programs: list[list[set[Op]]] = []
+    for r, exchanges in enumerate(plan):
+        batches: list[set[Op]] = []
+        for ex in exchanges:
+            ops = [(r, dst, msg) for dst, msg in ex.sends] + [(src, r, msg) for src, msg in ex.recvs]
+            if headers and any(msg[0] == "F" for _, _, msg in ops):
+                batches.append({(a, b, msg, "header") for a, b, msg in ops if msg[0] == "F"})
+            batches.append({(a, b, msg, "tensors") for a, b, msg in ops})
         programs.append(batches)
     return programs
 
@@ -343,3 +398,24 @@ def build_schedule(name: str, stage: int, num_stages: int, num_microbatches: int
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not supported: choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](stage, num_stages, num_microbatches)
+
+
+class TickPlan(NamedTuple):
+    """One rank's step under a schedule with several stages per rank: its actions, the tick of each, and its
+    exchanges (:func:`exchange_plan`)."""
+
+    actions: tuple[Action, ...]
+    ticks: tuple[int, ...]
+    exchanges: tuple[Exchange, ...]
+
+
+@functools.lru_cache(maxsize=32)
+def tick_plan(name: str, rank: int, num_ranks: int, num_microbatches: int, chunks: int, training: bool) -> TickPlan:
+    """Rank ``rank``'s :class:`TickPlan` for a training (or, without ``training``, a forward-only) step."""
+    if training:
+        orders = [build_schedule(name, r, num_ranks, num_microbatches, chunks) for r in range(num_ranks)]
+    else:
+        orders = [forward_only(r, num_ranks, num_microbatches, chunks, name) for r in range(num_ranks)]
+    ranks = stage_ranks(name, num_ranks, chunks)
+    ticks = action_ticks(orders, len(ranks))
+    return TickPlan(tuple(orders[rank]), tuple(ticks[rank]), tuple(exchange_plan(orders, ranks)[rank]))

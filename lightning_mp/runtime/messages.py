@@ -18,10 +18,8 @@ operations of one batch progress together, and :func:`lightning_mp.plan.schedule
 free of deadlock under these semantics. On gloo, whose sends are buffered, the same operations are posted one by one
 (the same order, less Python per message). A send's buffer is released as soon as that send completes.
 
-With interleaved schedules two ranks exchange the messages of several virtual stages, in orders each rank's
-schedule decides: there every message, gradients included, carries a key (direction, stage, micro-batch) in its
-header, and a receiver that reads another message than the one it waits for keeps it until it is asked for. This
-works on any backend: messages between two ranks arrive in the order they were sent.
+With several stages per rank (interleaved, V schedules) two ranks exchange the messages of several stages, each in
+its own schedule's order: those go tick by tick (:mod:`lightning_mp.runtime.exchange`), on the operations here.
 """
 
 from __future__ import annotations
@@ -198,7 +196,7 @@ class PendingGrads:
 
     def wait(self) -> tuple[list[Tensor], list[Tensor]]:
         """(tensors, gradients) once every gradient has arrived."""
-        self.p2p._wait(self.works, self.src, self.label)
+        self.p2p.wait(self.works, self.src, self.label)
         return self.outputs, self.grads
 
 
@@ -227,129 +225,68 @@ class P2P:
         self.counts = MessageCounts()
         self._outbox: list[tuple[Tensor, int, str]] = []  # sends queued until the next receive or flush
         self._sending: list[tuple[Any, Tensor, int, str]] = []  # posted sends, kept until complete
-        self._stash: dict[tuple[int, Any], Received] = {}  # keyed messages read ahead of their turn, by (src, key)
         self._sent_specs: dict[int, dict[Any, tuple[Any, list[TensorMeta]]]] = {}  # by destination, by spec_key
         self._recv_specs: dict[int, dict[Any, tuple[Any, list[TensorMeta]]]] = {}  # by source, by spec_key
         # on a device whose receives return before the data arrives (NCCL), the watch follows the posted works
         self._track = watch is not None and device.type != "cpu"
 
     # forward direction -----------------------------------------------------------------------------------------
-    def send_activation(
-        self, value: Any, dst: int, label: str = "an activation", key: Any = None, spec_key: Any = None
-    ) -> list[Tensor]:
-        """Queue ``value`` for ``dst``; return its tensors (the ones whose gradients will come back). With ``key`` the
-        message is keyed (see the module docstring) and must be received by :meth:`recv_activation` with it; with
-        ``spec_key`` (unkeyed messages) its header goes only the first time the key is used towards ``dst``."""
+    def send_activation(self, value: Any, dst: int, label: str = "an activation", spec_key: Any = None) -> list[Tensor]:
+        """Queue ``value`` for ``dst``; return its tensors (the ones whose gradients will come back). With
+        ``spec_key`` its header goes only the first time the key is used towards ``dst``."""
         tensors, spec = flatten(value)
         metas = [TensorMeta(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
         seen = None
-        if key is not None and dist.is_initialized() and dst == dist.get_rank():  # the next stage is on this rank
-            copies = [t.detach().clone().requires_grad_(m.requires_grad and torch.is_grad_enabled()) for t, m in
-                      zip(tensors, metas)]  # fmt: skip
-            self._stash[(dst, key)] = Received(unflatten(spec, copies), copies, metas)
-            return tensors
-        if key is None and spec_key is not None:
-            known = self._sent_specs.setdefault(dst, {})
-            seen = known.get(spec_key)
-            if seen is None:
-                _remember(known, spec_key, (spec, metas))
-            elif seen[1] != metas or not _same(seen[0], spec):
-                before, now = [m.shape for m in seen[1]], [m.shape for m in metas]
-                raise PipelineError(
-                    f"{label} changed structure or shapes ({before} before, {now} now) for micro-batches of the same"
-                    " shapes: a stage's output must depend on the shapes"
-                    " of the batch only, not on its values (the next stage posts its receive from the shapes). Make"
-                    " the blocks' outputs the same for same-shaped batches, e.g. pad instead of trimming."
-                )
-        if key is not None or spec_key is None or seen is None:  # the receiver cannot know the structure
-            header = (spec, metas) if key is None else (key, spec, metas)
-            for frame in encode_frames(pickle.dumps(header), self.device):
+        if spec_key is not None:
+            seen = known_structure(self._sent_specs.setdefault(dst, {}), spec_key, spec, metas, label)
+        if seen is None:  # the receiver cannot know the structure
+            for frame in encode_frames(pickle.dumps((spec, metas)), self.device):
                 self._outbox.append((frame, dst, label))
                 self.counts.headers += 1
         for t in tensors:
             self._outbox.append((t.detach().contiguous(), dst, label))
         return tensors
 
-    def recv_activation(
-        self, src: int, label: str = "an activation", key: Any = None, spec_key: Any = None
-    ) -> Received:
+    def recv_activation(self, src: int, label: str = "an activation", spec_key: Any = None) -> Received:
         """Receive a forward message from ``src``; tensors that need a gradient come back as leaves that do."""
-        if key is not None:
-            return self._recv_keyed(src, key, label)
         known = self._recv_specs.setdefault(src, {}) if spec_key is not None else None
         cached = known.get(spec_key) if known is not None else None
         if cached is None:
             header, tensors = self._recv_message(src, label)
             if known is not None:
-                _remember(known, spec_key, header)
+                remember(known, spec_key, header)
             spec, metas = header
         else:
             spec, metas = cached
             tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas]
-            self._wait(self._post([], [(t, src) for t in tensors], label), src, label)
+            self.wait(self.post([], [(t, src) for t in tensors], label), src, label)
             for t, m in zip(tensors, metas):
                 t.requires_grad_(m.requires_grad and torch.is_grad_enabled())
         return Received(unflatten(spec, tensors), tensors, metas)
 
-    def _recv_message(self, src: int, label: str, first: Tensor | None = None) -> tuple[Any, list[Tensor]]:
-        """(header, tensors) of the next message from ``src`` (whose first frame may have arrived already); the
-        header's last item is the tensors' metas."""
-        if first is None:
-            first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-            self._wait(self._post([], [(first, src)], label), src, label)
+    def _recv_message(self, src: int, label: str) -> tuple[Any, list[Tensor]]:
+        """(header, tensors) of the next message from ``src``; the header's last item is the tensors' metas."""
+        first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
+        self.wait(self.post([], [(first, src)], label), src, label)
         rest = None
         if frame_overflow(first):
             rest = torch.empty(frame_overflow(first), dtype=torch.uint8, device=self.device)
-            self._wait(self._post([], [(rest, src)], label), src, label)
+            self.wait(self.post([], [(rest, src)], label), src, label)
         header = pickle.loads(decode_frames(first, rest))
         tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in header[-1]]
         if tensors:
-            self._wait(self._post([], [(t, src) for t in tensors], label), src, label)
+            self.wait(self.post([], [(t, src) for t in tensors], label), src, label)
         for t, meta in zip(tensors, header[-1]):
             t.requires_grad_(meta.requires_grad and torch.is_grad_enabled())
         return header, tensors
 
-    def _recv_keyed(self, src: int, key: Any, label: str, fill: Callable[[], bool] | None = None) -> Received:
-        """The message ``key`` from ``src``, reading (and keeping) the ones sent before it. While no message has
-        started to arrive, ``fill()`` runs other work (until it returns False: nothing left)."""
-        while (src, key) not in self._stash:
-            first = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-            works = self._post([], [(first, src)], label)
-            if fill is not None:
-                while not all(w.is_completed() for w in works) and fill():
-                    pass
-            self._wait(works, src, label)
-            (found, spec, metas), tensors = self._recv_message(src, label, first)
-            self._stash[(src, found)] = Received(unflatten(spec, tensors), tensors, metas)
-        return self._stash.pop((src, key))
-
     # backward direction ----------------------------------------------------------------------------------------
-    def send_grads(self, received: Received, dst: int, label: str = "a gradient", key: Any = None) -> None:
+    def send_grads(self, received: Received, dst: int, label: str = "a gradient") -> None:
         """Queue the gradients of the received leaves that needed one (zeros where none arrived)."""
-        grads = [
-            (t.grad if t.grad is not None else torch.zeros_like(t)).contiguous()
-            for t, meta in zip(received.tensors, received.metas)
-            if meta.requires_grad
-        ]
-        if key is not None:  # gradients need none themselves: their metas say so, whatever the grad mode
-            self.send_activation([g.detach() for g in grads], dst, label, key)
-            return
-        for grad in grads:
-            self._outbox.append((grad, dst, label))
+        self._outbox += [(grad, dst, label) for grad in input_grads(received)]
 
-    def recv_grads(
-        self,
-        sent: list[Tensor],
-        src: int,
-        label: str = "a gradient",
-        key: Any = None,
-        fill: Callable[[], bool] | None = None,
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward. A keyed
-        receive runs ``fill()`` while it waits (see :meth:`_recv_keyed`)."""
-        if key is not None:
-            outputs = [t for t in sent if t.requires_grad]
-            return outputs, list(self._recv_keyed(src, key, label, fill).value)
+    def recv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> tuple[list[Tensor], list[Tensor]]:
+        """Receive the gradients of the sent tensors that need one; return (tensors, gradients) for backward."""
         return self.irecv_grads(sent, src, label).wait()
 
     def irecv_grads(self, sent: list[Tensor], src: int, label: str = "a gradient") -> PendingGrads:
@@ -357,16 +294,16 @@ class P2P:
         they are ready."""
         outputs = [t for t in sent if t.requires_grad]
         grads = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in outputs]
-        works = self._post([], [(g, src) for g in grads], label) if grads or self._outbox else []
+        works = self.post([], [(g, src) for g in grads], label) if grads or self._outbox else []
         return PendingGrads(self, outputs, grads, works, src, label)
 
     # plumbing --------------------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Post the queued sends now (before a computation that receives nothing first)."""
         if self._outbox:
-            self._post([], [], "")
+            self.post([], [], "")
 
-    def _post(self, sends: list[tuple[Tensor, int, str]], recvs: list[tuple[Tensor, int]], label: str) -> list[Any]:
+    def post(self, sends: list[tuple[Tensor, int, str]], recvs: list[tuple[Tensor, int]], label: str) -> list[Any]:
         """Post the queued sends, ``sends`` and the receives ``recvs`` together; return the receives' works."""
         sends = self._outbox + sends
         self._outbox = []
@@ -401,7 +338,7 @@ class P2P:
                 self.watch.track(work, src, f"receive {label}")
         return works[n:]
 
-    def _wait(self, works: list[Any], src: int, label: str) -> None:
+    def wait(self, works: list[Any], src: int, label: str) -> None:
         with self._waiting(src, f"receive {label}"):
             for work in works:
                 try:
@@ -440,7 +377,35 @@ class P2P:
         return PipelineError(f"{me} could not {direction} {label} {where} {self.describe(peer)}: {detail}. {reason}")
 
 
-def _remember(known: dict[Any, Any], spec_key: Any, header: Any) -> None:
+def input_grads(received: Received) -> list[Tensor]:
+    """The gradients of a received message's tensors that needed one (zeros where none arrived), to send back."""
+    return [
+        (t.grad if t.grad is not None else torch.zeros_like(t)).contiguous()
+        for t, meta in zip(received.tensors, received.metas)
+        if meta.requires_grad
+    ]
+
+
+def known_structure(
+    known: dict[Any, Any], spec_key: Any, spec: Any, metas: list[TensorMeta], label: str
+) -> tuple[Any, list[TensorMeta]] | None:
+    """The structure sent before under ``spec_key`` (None: the first time; it is remembered), checked against this
+    message's: one that changed for micro-batches of the same shapes fails, naming the fix."""
+    seen = known.get(spec_key)
+    if seen is None:
+        remember(known, spec_key, (spec, metas))
+    elif seen[1] != metas or not _same(seen[0], spec):
+        before, now = [m.shape for m in seen[1]], [m.shape for m in metas]
+        raise PipelineError(
+            f"{label} changed structure or shapes ({before} before, {now} now) for micro-batches of the same"
+            " shapes: a stage's output must depend on the shapes"
+            " of the batch only, not on its values (the next stage posts its receive from the shapes). Make"
+            " the blocks' outputs the same for same-shaped batches, e.g. pad instead of trimming."
+        )
+    return seen
+
+
+def remember(known: dict[Any, Any], spec_key: Any, header: Any) -> None:
     """Keep ``header`` under ``spec_key``; at the limit start afresh (the peer does so at the same message)."""
     if len(known) >= SPECS_PER_PEER:
         known.clear()

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from lightning_mp.observe.monitor import StageMonitor
+from lightning_mp.observe import monitor
+from lightning_mp.observe.monitor import StageMonitor, stage_utilization
 from lightning_mp.observe.stats import StepStats
-from tests.conftest import assert_matches_reference, load_result, run_harness
+from lightning_mp.runtime import clock
+from tests.conftest import assert_matches_reference, load_result, run_harness, run_jobs_or_fail
 
 
 def test_metrics_per_stage_and_bubble() -> None:
@@ -37,6 +40,60 @@ def test_no_advice_when_balanced() -> None:
     monitor = StageMonitor([3, 3], warmup=0)
     monitor.update([StepStats(busy=1.0, wall=1.1), StepStats(busy=1.05, wall=1.1)])
     assert monitor.suggestion() is None
+
+
+def test_no_gpu_utilization_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert clock.device_utilization(cpu) is None
+    monkeypatch.setattr(clock, "device_utilization", lambda device: pytest.fail("NVML read on a CPU"))
+    assert stage_utilization(cpu) is None
+
+
+def test_a_gpu_reads_its_utilization_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(monitor, "reads_utilization", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(clock, "device_utilization", lambda device: 73.0)
+    assert stage_utilization(torch.device("cpu")) == 73.0
+    monkeypatch.setattr(clock, "device_utilization", lambda device: None)  # a GPU without NVML
+    assert stage_utilization(torch.device("cpu")) is None
+
+
+@pytest.fixture(scope="module")
+def utilization_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 2-stage run twice: as on a CPU, and with NVML faked as reading 40% on rank 0 and 41% on rank 1
+    (tests/harness.py ``fake_gpu_util``; the readings travel between the ranks by a real collective)."""
+    job = {
+        "name": "cpu",
+        "model": "gpt",
+        "model_kwargs": {"batch_size": 6, "n": 18},
+        "devices": 2,
+        "strategy": {"microbatches": 2},
+        "max_steps": 3,
+        "summary": True,
+    }
+    faked = {**job, "name": "faked", "fake_gpu_util": [40.0, 41.0]}
+    return run_jobs_or_fail(tmp_path_factory, "utilization", [job, faked])
+
+
+@pytest.mark.distributed
+def test_each_stage_logs_its_gpu_utilization_beside_busy_and_wait(utilization_runs: Path) -> None:
+    for rank in range(2):
+        got = load_result(utilization_runs, "faked", rank)
+        assert len(got["metrics"]) == 3
+        for step in got["metrics"]:
+            assert step["pipeline/stage0_gpu_util"] == 40.0 and step["pipeline/stage1_gpu_util"] == 41.0
+            assert "pipeline/stage1_busy_s" in step
+        rows = {r["stage"]: r for r in got["summary"]["ranks"]}
+        assert (rows[0]["gpu_util"], rows[1]["gpu_util"]) == (40.0, 41.0)
+        assert got["losses"] == load_result(utilization_runs, "cpu", rank)["losses"]
+
+
+@pytest.mark.distributed
+def test_nothing_about_gpu_utilization_on_a_cpu(utilization_runs: Path) -> None:
+    for rank in range(2):
+        got = load_result(utilization_runs, "cpu", rank)
+        assert "pipeline/stage1_busy_s" in got["final_metrics"]
+        assert not [key for step in got["metrics"] for key in step if "gpu_util" in key]
+        assert all("gpu_util" not in row for row in got["summary"]["ranks"])
 
 
 @pytest.mark.distributed

@@ -17,7 +17,7 @@ from lightning_mp.options import StrategyOptions
 from lightning_mp.pipeline.buckets import build_buckets
 from lightning_mp.pipeline.sharding import SHARDING_LEVELS, sharded_bytes
 from lightning_mp.runtime.errors import ConfigError
-from tests.conftest import ROOT, assert_matches_reference, load_result, run_script
+from tests.conftest import ROOT, assert_matches_reference, load_result, run_harness, run_script
 
 LEVELS = list(SHARDING_LEVELS)
 KW = {"batch_size": 4, "n": 32, "lengths": [8]}  # one epoch = 4 steps per replica
@@ -126,9 +126,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _replica_mean(results: list[dict[str, Any]], start: int = 0) -> list[float]:
-    """Each replica reports its own shard's loss (as DDP does): their mean is the one-process loss."""
-    return [sum(v) / 2 for v in zip(results[0]["losses"][start:], results[2]["losses"][start:])]
+def _replica_mean(results: list[dict[str, Any]], start: int = 0, ranks: tuple[int, ...] = (0, 2)) -> list[float]:
+    """Each replica reports its own shard's loss (as DDP does): their mean is the one-process loss (equal token
+    counts). ``ranks``: one rank of each replica (dp2×pp2: 0 and 2)."""
+    return [sum(v) / len(ranks) for v in zip(*(results[r]["losses"][start:] for r in ranks))]
 
 
 def _memory(out: Path, job: str, rank: int) -> dict[str, int]:
@@ -193,6 +194,113 @@ def test_a_sharded_checkpoint_holds_the_full_tensors_of_a_replicated_one(runs: P
     for index, state in want["state"].items():
         for key, value in state.items():
             assert torch.allclose(got["state"][index][key], value, atol=1e-6, rtol=1e-4), (index, key)
+
+
+# ---- resuming at another dp size and level ---------------------------------------------------------------------------
+# Checkpoints saved after the first epoch (2 steps) of a sharded run, resumed at another dp size and level for the
+# second epoch, against one process fed the replicas' data straight through (tests/harness.py's replica order, each
+# epoch in its own order). SGD with momentum, the GPT: dp2×pp2 at "full" -> dp1×pp2 and one process. AdamW, the MLP
+# (the GPT's key biases have a zero gradient, whose rounding noise Adam scales up to the learning rate): dp4 at
+# "full" -> dp2 at "optimizer", whose shards cut every tensor elsewhere; a dp2 replica's batch of 8 is the samples two
+# dp4 replicas' batches of 4 held, so each step sees the same samples.
+SGD_KW = {"batch_size": 4, "n": 16, "lengths": [8]}  # dp2: 2 steps per epoch
+ADAM_KW = {"batch_size": 4, "n": 32, "optimizer": "adamw", "lr": 0.01}  # dp4: 2 steps per epoch
+DP4 = {"pipeline_parallel_size": 1, "data_parallel_size": 4, "data_parallel_bucket_size": 2048}  # 3 buckets
+
+
+def _resume_jobs() -> list[list[dict[str, Any]]]:
+    """Two harness runs: the saving runs and references (the 4 ranks launched once), then the resumed runs (the
+    ranks of one harness run serve all its jobs, so a smaller world needs a run of its own)."""
+    common = {"model": "gpt", "max_steps": 4}
+    sgd = {**common, "model_kwargs": SGD_KW}
+    union2 = {"replicas": 2, "batch_size": 4}
+    adam = {"model": "sequential", "max_steps": 4, "model_kwargs": ADAM_KW}
+    union4 = {"replicas": 4, "batch_size": 4}
+    saving = [
+        {"name": "sgd-ref", **sgd, "replica_order": union2, "save_to": "sgd-ref.ckpt"},
+        {
+            "name": "sgd-full",
+            **sgd,
+            "devices": 4,
+            "checkpoint_every": 2,
+            "strategy": {**DP2PP2, "microbatches": 2, "data_parallel_sharding": "full"},
+        },
+        {"name": "adam-ref", **adam, "replica_order": union4, "save_to": "adam-ref.ckpt"},
+        {
+            "name": "adam-dp4",
+            **adam,
+            "devices": 4,
+            "checkpoint_every": 2,
+            "strategy": {**DP4, "data_parallel_sharding": "full"},
+        },
+    ]
+    resumed = [
+        {"name": "sgd-pp2", **sgd, "devices": 2, "replica_order": union2, "resume_from": "sgd-full/ckpts/step=2.ckpt",
+         "strategy": {"pipeline_parallel_size": 2, "microbatches": 2}, "save_to": "sgd-pp2.ckpt"},
+        {"name": "sgd-one", **sgd, "replica_order": union2, "resume_from": "sgd-full/ckpts/step=2.ckpt",
+         "checkpoint_io": "distributed", "save_to": "sgd-one.ckpt"},
+        {"name": "adam-dp2", **adam, "model_kwargs": {**ADAM_KW, "batch_size": 8}, "devices": 2,
+         "resume_from": "adam-dp4/ckpts/step=2.ckpt", "save_to": "adam-dp2.ckpt",
+         "strategy": {**DP4, "data_parallel_size": 2, "data_parallel_sharding": "optimizer"}},
+    ]  # fmt: skip
+    return [saving, resumed]
+
+
+@pytest.fixture(scope="module")
+def resumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dp-resume")
+    for jobs in _resume_jobs():
+        proc = run_harness(jobs, out)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def _optimizer_state(path: Path) -> dict[Any, dict[str, torch.Tensor]]:
+    """The optimizer state of a checkpoint (a directory, or one process's file), numbered as torch.optim does."""
+    checkpoint = load_full_checkpoint(path) if path.is_dir() else torch.load(path, weights_only=False)
+    (optimizer,) = checkpoint["optimizer_states"]
+    return optimizer["state"]
+
+
+def _assert_same_optimizer_state(want: dict[Any, dict[str, Any]], got: dict[Any, dict[str, Any]]) -> None:
+    assert set(got) == set(want) and want
+    for index, state in want.items():
+        assert set(got[index]) == set(state), index
+        for key, value in state.items():
+            torch.testing.assert_close(got[index][key], value, atol=1e-5, rtol=1e-5, msg=f"{index}/{key}")
+
+
+@pytest.mark.distributed
+def test_a_full_dp2_checkpoint_resumes_at_dp1_and_in_one_process_to_the_numbers_straight_through(
+    resumes: Path,
+) -> None:
+    ref = load_result(resumes, "sgd-ref", 0)
+    straight = [load_result(resumes, "sgd-full", r) for r in range(4)]
+    for got in straight:  # the reference is what dp2 trains over both epochs
+        assert_matches_reference(ref, {**got, "losses": _replica_mean(straight)})
+    second = {**ref, "losses": ref["losses"][2:]}
+    resumed = [load_result(resumes, "sgd-pp2", r) for r in range(2)] + [load_result(resumes, "sgd-one", 0)]
+    for got in resumed:
+        assert_matches_reference(second, got)
+    want = _optimizer_state(resumes / "sgd-ref.ckpt")  # momentum buffers
+    for job in ("sgd-pp2", "sgd-one"):
+        _assert_same_optimizer_state(want, _optimizer_state(resumes / f"{job}.ckpt"))
+
+
+@pytest.mark.distributed
+def test_adamw_state_sharded_over_4_resumes_sharded_over_2(resumes: Path) -> None:
+    ref = load_result(resumes, "adam-ref", 0)
+    straight = [load_result(resumes, "adam-dp4", r) for r in range(4)]
+    for got in straight:
+        assert_matches_reference(ref, {**got, "losses": _replica_mean(straight, ranks=(0, 1, 2, 3))})
+    resumed = [load_result(resumes, "adam-dp2", r) for r in range(2)]
+    second = {**ref, "losses": ref["losses"][2:]}
+    for got in resumed:
+        assert_matches_reference(second, {**got, "losses": _replica_mean(resumed, ranks=(0, 1))})
+    # exp_avg, exp_avg_sq and step of every parameter, after the resumed epoch
+    _assert_same_optimizer_state(
+        _optimizer_state(resumes / "adam-ref.ckpt"), _optimizer_state(resumes / "adam-dp2.ckpt")
+    )
 
 
 def test_dry_run_shows_the_bytes_per_rank_of_the_chosen_level() -> None:
