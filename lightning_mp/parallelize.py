@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from lightning_mp.checkpoint.distributed import Shards
 from lightning_mp.options import StrategyOptions, resolve_microbatches
 from lightning_mp.pipeline.grads import GradientSync, GradStash
-from lightning_mp.pipeline.measure import first_batch, probe_model, step_hook, step_on_first_microbatch
+from lightning_mp.pipeline.measure import first_batch, model_device, probe_model, step_hook, step_on_first_microbatch
 from lightning_mp.pipeline.runner import PipelineRunner
 from lightning_mp.pipeline.stage import StageRuntime
 from lightning_mp.plan.build import build_plan, choose_schedule, choose_schedule_by_cost
@@ -188,7 +189,7 @@ class ModelPlan:
 
 def plan_model(
     module: nn.Module, options: StrategyOptions, layout: ParallelLayout, microbatches: int, measure: Measure | None,
-    mixed_precision: bool = False, call_order: list[str] | None = None, observe_flow: Any = None,
+    call_order: list[str] | None = None, observe_flow: Any = None,
 ) -> ModelPlan:  # fmt: skip
     """The one planning function (``ModelParallel.setup`` and :func:`~lightning_mp.dry_run` both call it): the
     schedule, the stage plan and, with tp > 1, the tensor-parallel plan. Without measured costs, a "time" or
@@ -198,7 +199,7 @@ def plan_model(
     balance = options.balance
     if measure is None and balance in ("time", "memory"):
         balance = "params"
-    schedule, v, measure, estimates = _resolve_schedule(module, options, layout, microbatches, measure, mixed_precision)
+    schedule, v, measure, estimates = _resolve_schedule(module, options, layout, microbatches, measure)
     plan = _plan_stages(module, options, balance, layout, schedule, v, microbatches, measure, call_order, observe_flow)
     result = ModelPlan(plan, schedule, v, estimates=estimates, data_parallel_sharding=options.data_parallel_sharding)
     if layout.tp > 1:  # planned on the whole model, applied to each rank's stage once it holds memory
@@ -209,17 +210,16 @@ def plan_model(
 
 
 def prepare(
-    trainer: Any, module: nn.Module, options: StrategyOptions, ctx: RankContext, mixed_precision: bool,
-    to_device: Callable[[Any], Any],
+    trainer: Any, module: nn.Module, options: StrategyOptions, ctx: RankContext,
+    to_device: Callable[[Any, torch.device], Any],
+    precision_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> ParallelModel:  # fmt: skip
-    """What ``ModelParallel.setup`` runs once: measure (when the plan needs it), plan, print the plan on rank 0, and
-    make this rank's part of the model."""
+    """What ``ModelParallel.setup`` runs once: measure (when the plan needs it, under ``precision_context``), plan,
+    print the plan on rank 0, and make this rank's part of the model. ``to_device(batch, device)`` moves a batch."""
     m = _microbatches(options, ctx.layout)
     wanted = options.schedule == "auto" or options.max_memory is not None
-    probe = probe_model(trainer, module, options.balance, wanted, m, ctx.device, ctx.rank, to_device)
-    planned = plan_model(
-        module, options, ctx.layout, m, probe.measure, mixed_precision, probe.call_order, probe.observe_flow
-    )
+    probe = probe_model(trainer, module, options.balance, wanted, m, ctx.device, ctx.rank, to_device, precision_context)
+    planned = plan_model(module, options, ctx.layout, m, probe.measure, probe.call_order, probe.observe_flow)
     if planned.tp_plan is not None:  # the data-flow planner, then the self-check unless off, before it is printed
         step, no_step = _check_step(trainer, module, m, to_device)
         mode = options.tensor_parallel_check
@@ -229,11 +229,12 @@ def prepare(
 
 
 def _check_step(
-    trainer: Any, module: nn.Module, microbatches: int, to_device: Callable[[Any], Any]
+    trainer: Any, module: nn.Module, microbatches: int, to_device: Callable[[Any, torch.device], Any]
 ) -> tuple[Callable[[], Any] | None, str | None]:
-    """The user's step on the first micro-batch of the trainer's data, on this rank, for the tensor-parallel
-    self-check (None and why when there is no batch)."""
-    batch, problem = first_batch(trainer, to_device)
+    """The user's step on the first micro-batch of the trainer's data, on this rank, where the whole model is, for
+    the tensor-parallel self-check (None and why when there is no batch)."""
+    home = model_device(module)
+    batch, problem = first_batch(trainer, lambda b: to_device(b, home))
     if batch is None:
         return None, f"no batch of data at set-up: {problem}"
     return step_on_first_microbatch(module, step_hook(trainer), batch, microbatches), None
@@ -270,20 +271,19 @@ def _microbatches(options: StrategyOptions, layout: ParallelLayout) -> int:
 
 def _resolve_schedule(
     module: nn.Module, options: StrategyOptions, layout: ParallelLayout, microbatches: int, measure: Measure | None,
-    mixed: bool,
 ) -> tuple[str, int, Measure | None, list[Any] | None]:  # fmt: skip
     """The schedule and stages per rank to run: ``schedule="auto"`` simulates each candidate on the measured costs
     when there are some (and hands the same costs on to the plan), else decides by the model's layers."""
     if options.schedule != "auto":
         return options.schedule, options.virtual_stages, measure, None
     if measure is None:
-        schedule = choose_schedule(module, options.layers, mixed_precision=mixed)
+        schedule = choose_schedule(module, options.layers)
         rank_zero_info(f"lightning-mp: schedule='auto' runs {schedule!r} (no measured costs to compare)")
         return schedule, 1, None, None
     found = discover_layers(module, options.layers)
     costs = measure(found)
     chosen, estimates = choose_schedule_by_cost(
-        module, found, costs, layout.pp, microbatches, options.max_memory, mixed,
+        module, found, costs, layout.pp, microbatches, options.max_memory,
         interleave=isinstance(options.balance, str),
     )  # fmt: skip
     table = ", ".join(f"{e.schedule} {e.step_time:.3g} s / {e.peak_memory / 2**20:.4g} MiB" for e in estimates)

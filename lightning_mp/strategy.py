@@ -24,7 +24,6 @@ from lightning.fabric.utilities.distributed import (
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -253,9 +252,8 @@ class ModelParallel(ParallelStrategy):
         if self._parallel is None:
             p2p = P2P(self.root_device, group=self._messages_group, watch=self._watch, describe=self.describe_rank)
             ctx = RankContext(self.layout, self._mesh, self.global_rank, self.root_device, p2p)
-            mixed = isinstance(self.precision_plugin, MixedPrecision)
-            to_device = lambda batch: self.batch_to_device(batch, self.root_device)  # noqa: E731
-            self._parallel = prepare(trainer, module, self.options, ctx, mixed, to_device)
+            context = self.precision_plugin.forward_context
+            self._parallel = prepare(trainer, module, self.options, ctx, self.batch_to_device, context)
         use_split_model_callbacks(trainer)  # a summary of the whole split model; a progress bar without "0/-2"
         if not self.is_distributed:  # no data parallelism: every rank logs the same values
             silence_sync_dist_advice()

@@ -43,6 +43,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             {"name": f"ref-{precision}", **common},
             {"name": f"pp2-{precision}", **common, "devices": 2, "strategy": PP2},
         ]
+    # zero_bubble under autocast defers the weight gradients too, computed as autocast computes them
+    common = {"model": "gpt", "model_kwargs": KW, "max_steps": 4, "trainer": {"precision": "bf16-mixed"}}
+    jobs.append({"name": "zb-bf16-mixed", **common, "devices": 2, "strategy": {**PP2, "schedule": "zero_bubble"}})
     return run_jobs_or_fail(tmp_path_factory, "lifecycle", jobs)
 
 
@@ -69,6 +72,14 @@ def test_bf16_precisions_train_within_the_stated_tolerance(runs: Path, precision
     ref = load_result(runs, f"ref-{precision}", 0)
     for rank in range(2):
         got = load_result(runs, f"pp2-{precision}", rank)
+        diffs = [abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"])]
+        assert len(got["losses"]) == len(ref["losses"]) and max(diffs) < BF16_LOSS_RTOL, diffs
+
+
+def test_zero_bubble_under_autocast_trains_within_the_bf16_tolerance(runs: Path) -> None:
+    ref = load_result(runs, "ref-bf16-mixed", 0)
+    for rank in range(2):
+        got = load_result(runs, "zb-bf16-mixed", rank)
         diffs = [abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"])]
         assert len(got["losses"]) == len(ref["losses"]) and max(diffs) < BF16_LOSS_RTOL, diffs
 

@@ -4,6 +4,7 @@ real micro-batch of it (see ``plan.profiling``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,14 @@ from lightning_mp.runtime.messages import broadcast_object
 from lightning_mp.runtime.tree import tree_map
 
 
-def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, backward: bool) -> Callable:
+def measure_step_costs(
+    module: Any, hook: str, batch: Any, microbatches: int, backward: bool, on: torch.device | None = None,
+    context: Callable[[], AbstractContextManager] = nullcontext,
+) -> Callable:  # fmt: skip
     """A ``measure`` for :func:`build_plan`: the user's ``hook`` on the first micro-batch of ``batch``.
 
-    A model on the meta device is measured in FLOPs on a meta copy of the micro-batch (see ``profiling``).
+    A model on the meta device is measured in FLOPs on a meta copy of the micro-batch (see ``profiling``). With
+    ``on`` (the run's device, where the model is elsewhere), each layer is timed alone there, under ``context``.
     """
 
     def measure(found: ModelLayers) -> LayerCosts:
@@ -35,7 +40,7 @@ def measure_step_costs(module: Any, hook: str, batch: Any, microbatches: int, ba
             return loss if backward else None
 
         with torch.enable_grad() if backward else torch.no_grad():
-            return profile_layers(module, found, run)
+            return profile_layers(module, found, run, on=on, context=context)
 
     return measure
 
@@ -91,15 +96,19 @@ class SetupProbe:
 
 def probe_model(
     trainer: Any, module: Any, balance: Any, wanted: bool, microbatches: int, device: torch.device, rank: int,
-    to_device: Callable[[Any], Any],
+    to_device: Callable[[Any, torch.device], Any], context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> SetupProbe:  # fmt: skip
     """Take the first batch of the data the trainer is about to use (global rank 0) and observe the step on it.
 
-    Costs are measured when ``balance`` ("time", "memory") or ``wanted`` (max_memory, schedule="auto") needs them;
-    every rank receives the same results. Without a batch (no dataloader yet, an empty one), modules are placed by
-    registration order and, when costs were needed, a warning says why ("time"/"memory" then plan as "params").
+    The step runs where the whole model is (the CPU at set-up; ``to_device(batch, device)`` moves the batch there):
+    no rank's device ever holds the whole model. Costs are measured when ``balance`` ("time", "memory") or
+    ``wanted`` (max_memory, schedule="auto") needs them, each layer alone on rank 0's ``device`` under ``context``
+    (the run's precision) when the model is elsewhere; every rank receives the same results. Without a batch (no
+    dataloader yet, an empty one), modules are placed by registration order and, when costs were needed, a warning
+    says why ("time"/"memory" then plan as "params").
     """
-    batch, problem = first_batch(trainer, to_device) if rank == 0 else (None, None)
+    home = model_device(module)
+    batch, problem = first_batch(trainer, lambda b: to_device(b, home)) if rank == 0 else (None, None)
     problem = broadcast_object(problem, 0, None, device)
     needs_costs = balance in ("time", "memory") or wanted
     if problem is not None:
@@ -125,13 +134,19 @@ def probe_model(
     def measure(found: ModelLayers) -> LayerCosts:
         costs = None
         if rank == 0:
-            if not any(p.is_meta for p in module.parameters()):  # a meta model is measured in FLOPs
-                module.to(device)
-            costs = measure_step_costs(module, hook, batch, microbatches, backward=fitting)(found).as_dict()
+            measure = measure_step_costs(module, hook, batch, microbatches, fitting, on=device, context=context)
+            costs = measure(found).as_dict()
         return LayerCosts(**broadcast_object(costs, 0, None, device))
 
     probe.measure = measure
     return probe
+
+
+def model_device(module: Any) -> torch.device:
+    """Where the whole model is before the split (its first parameter's device; the CPU for a model on the meta
+    device, whose batch goes to meta later, or one without parameters)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 _HOOKS = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}

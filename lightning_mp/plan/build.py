@@ -137,21 +137,21 @@ def check_late_uses(plan: StagePlan) -> None:
             )
 
 
-def choose_schedule(root: nn.Module, layers: str | None = None, mixed_precision: bool = False) -> str:
+def choose_schedule(root: nn.Module, layers: str | None = None) -> str:
     """What ``schedule="auto"`` runs without measured costs: "zero_bubble" when the layers hold trainable
     ``nn.Linear`` modules whose weight gradients can be deferred (its bubble is smaller than 1F1B's at the same
-    memory, and GPipe's memory is larger at the same bubble), otherwise "1f1b". Under autocast the deferral is off,
-    so "1f1b" too. With measured costs, :func:`choose_schedule_by_cost` decides."""
-    return "zero_bubble" if _can_defer(discover_layers(root, layers), mixed_precision) else "1f1b"
+    memory, and GPipe's memory is larger at the same bubble), otherwise "1f1b". Under autocast too: the deferred
+    products are computed as autocast computes them (weight_grads.py). With measured costs,
+    :func:`choose_schedule_by_cost` decides."""
+    return "zero_bubble" if _can_defer(discover_layers(root, layers)) else "1f1b"
 
 
-def _can_defer(found: ModelLayers, mixed_precision: bool) -> bool:
-    deferrable = any(
+def _can_defer(found: ModelLayers) -> bool:
+    return any(
         type(m) is nn.Linear and m.weight.requires_grad
         for i in range(found.num_layers)
         for m in found.layer(i).modules()
     )
-    return deferrable and not mixed_precision
 
 
 def choose_schedule_by_cost(
@@ -161,7 +161,6 @@ def choose_schedule_by_cost(
     pipeline_parallel_size: int,
     microbatches: int,
     max_memory: float | None = None,
-    mixed_precision: bool = False,
     interleave: bool = True,
 ) -> tuple[ScheduleEstimate, list[ScheduleEstimate]]:
     """``schedule="auto"`` with measured layer costs: (the chosen schedule's estimate, every candidate's); see
@@ -174,7 +173,7 @@ def choose_schedule_by_cost(
         int(_direct_params(root, found.post, bytes_=True)),
         pipeline_parallel_size,
         microbatches,
-        _can_defer(found, mixed_precision),
+        _can_defer(found),
     )
     if not interleave:
         estimates = [e for e in estimates if e.virtual_stages == 1]

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_mp.plan.discovery import ModelLayers
 from lightning_mp.runtime.clock import synchronized_timer
 from lightning_mp.runtime.messages import flatten
+from lightning_mp.runtime.tree import tree_map
 
 
 @dataclass
@@ -70,10 +71,13 @@ class _Recorder:
         self.saved = [0] * (n + 2)  # bytes saved for backward: [pre, layer 0..n-1, post]
         self.output_bytes = [0] * n
         self.param_storages = param_storages
+        self.inputs: list[tuple[tuple, dict] | None] | None = None  # with capture: each layer's (args, kwargs)
 
     def pre_hook(self, index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.current = index
+            if self.inputs is not None and self.inputs[index] is None:
+                self.inputs[index] = tree_map(_detached_copy, (args, kwargs))
             self.f_start[index] = self.clock()
             for t in flatten(args)[0]:
                 if t.requires_grad:
@@ -108,16 +112,26 @@ class _Recorder:
 
 
 def profile_layers(
-    module: nn.Module, layers: ModelLayers, run_step: Callable[[], Tensor | None], repeats: int = 3
+    module: nn.Module,
+    layers: ModelLayers,
+    run_step: Callable[[], Tensor | None],
+    repeats: int = 3,
+    on: torch.device | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> LayerCosts:
     """Time each layer's forward+backward (median of ``repeats`` runs after two warm-ups) and count activations.
 
     ``run_step`` runs the user's step on one micro-batch and returns the loss (None: forward only). When the
-    parameters are on the meta device, one run counts FLOPs instead (see the module docstring).
+    parameters are on the meta device, one run counts FLOPs instead (see the module docstring). With ``on``, a
+    device other than the model's (a GPU, while the whole model is still on the CPU at set-up), the step runs once
+    where the model is, and each layer is then timed alone on ``on``, under ``context`` (the run's autocast), on the
+    input it was called with: one layer at a time on that device, never the whole model (:func:`time_layers_on`).
     """
+    device = next((p.device for p in module.parameters()), None)
+    if on is not None and device is not None and device != on and device.type != "meta":
+        return _profile_layer_by_layer(module, layers, run_step, on, context, repeats)
     on_meta = any(p.is_meta for p in module.parameters())
     counter = FlopCounterMode(display=False) if on_meta else None
-    device = next((p.device for p in module.parameters()), None)
     # on a GPU, host time is launch time: each stamp waits for the queued work first (set-up runs this once)
     clock = (lambda: float(counter.get_total_flops())) if counter is not None else synchronized_timer(device)
     warmups, repeats = (0, 1) if on_meta else (2, repeats)
@@ -149,6 +163,108 @@ def profile_layers(
         post_activation_bytes=runs[-1][3][n + 1],
         layer_output_bytes=runs[-1][4],
     )
+
+
+def _profile_layer_by_layer(
+    module: nn.Module,
+    layers: ModelLayers,
+    run_step: Callable[[], Tensor | None],
+    on: torch.device,
+    context: Callable[[], contextlib.AbstractContextManager],
+    repeats: int,
+) -> LayerCosts:
+    """:func:`profile_layers` with ``on``: one whole-step run where the model is (its call order, the modules
+    around the layers, each layer's input), then the layers timed one by one on ``on``; the modules before and after
+    the layers scaled from the model's device by the layers' ratio of times (and bytes)."""
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    grads = {p: p.grad for p in module.parameters()}
+    rec = _Recorder(layers, {storage_id(p) for p in module.parameters()}, time.perf_counter)
+    rec.inputs = [None] * layers.num_layers
+    with preserved_random_state(), restored_state(module, buffers, grads):
+        for p in grads:
+            p.grad = None
+        times, pre, post, saved, _ = _one_run(layers, run_step, rec)
+    backward = any(rec.out_grad)
+    here = time_layers_on(on, layers, rec.inputs, backward, context, repeats)
+    time_ratio = sum(here.layer_time) / max(sum(times), 1e-12)
+    byte_ratio = sum(here.layer_activation_bytes) / max(sum(saved[1:-1]), 1)
+    return LayerCosts(
+        layer_time=here.layer_time,
+        pre_time=pre * time_ratio,
+        post_time=post * time_ratio,
+        layer_activation_bytes=here.layer_activation_bytes,
+        pre_activation_bytes=int(saved[0] * byte_ratio),
+        post_activation_bytes=int(saved[-1] * byte_ratio),
+        layer_output_bytes=here.layer_output_bytes,
+    )
+
+
+def time_layers_on(
+    device: torch.device,
+    layers: ModelLayers,
+    inputs: list[tuple[tuple, dict] | None],
+    backward: bool,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    repeats: int = 3,
+) -> LayerCosts:
+    """Each layer alone on ``device``, on ``inputs[i]`` (its (args, kwargs) in the whole step): moved there, timed
+    forward (and, with ``backward``, backward against a gradient of ones; median of ``repeats`` after a warm-up)
+    under ``context``, its saved activations and output counted, moved back. Only ``layers``' costs are set; its
+    parameters, gradients and buffers end as they were."""
+    clock = synchronized_timer(device)
+    costs = LayerCosts([], 0.0, 0.0)
+    for i in range(layers.num_layers):
+        layer, given = layers.layer(i), inputs[i]
+        if given is None:  # a layer the step never called costs nothing
+            costs.layer_time.append(0.0)
+            costs.layer_activation_bytes.append(0)
+            costs.layer_output_bytes.append(0)
+            continue
+        home = next((p.device for p in layer.parameters()), torch.device("cpu"))
+        buffers = {n: b.detach().clone() for n, b in layer.named_buffers()}
+        grads = {p: p.grad for p in layer.parameters()}
+        layer.to(device)
+        try:
+            storages = {storage_id(p) for p in layer.parameters()}
+            runs, saved, out = [], 0, 0
+            with preserved_random_state():
+                for attempt in range(repeats + 1):
+                    args, kwargs = tree_map(lambda t: _leaf_on(t, device), given)
+                    held: list[int] = [0]
+
+                    def pack(t: Tensor, held: list[int] = held, storages: set[int] = storages) -> Tensor:
+                        if storage_id(t) not in storages:
+                            held[0] += t.numel() * t.element_size()
+                        return t
+
+                    start = clock()
+                    with context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        output = layer(*args, **kwargs)
+                    tensors = [t for t in flatten(output)[0] if t.requires_grad]
+                    if backward and tensors:
+                        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                    if attempt:
+                        runs.append(clock() - start)
+                    saved, out = held[0], sum(t.numel() * t.element_size() for t in flatten(output)[0])
+                    for p in layer.parameters():
+                        p.grad = None
+        finally:
+            layer.to(home)
+            with restored_state(layer, buffers, grads):
+                pass
+        costs.layer_time.append(statistics.median(runs))
+        costs.layer_activation_bytes.append(saved)
+        costs.layer_output_bytes.append(out)
+    return costs
+
+
+def _detached_copy(t: Tensor) -> Tensor:
+    """A layer's input kept for measuring it alone: detached, with its ``requires_grad``."""
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def _leaf_on(t: Tensor, device: torch.device) -> Tensor:
+    return t.detach().to(device).requires_grad_(t.requires_grad)
 
 
 @contextlib.contextmanager
@@ -217,7 +333,7 @@ def matmul_flops_per_second(size: int = 512) -> float:
 def _one_run(layers: ModelLayers, run_step: Callable[[], Tensor | None], rec: _Recorder) -> tuple:
     handles = []
     for i in range(layers.num_layers):
-        handles.append(layers.layer(i).register_forward_pre_hook(rec.pre_hook(i)))
+        handles.append(layers.layer(i).register_forward_pre_hook(rec.pre_hook(i), with_kwargs=True))
         handles.append(layers.layer(i).register_forward_hook(rec.post_hook(i)))
     try:
         start = rec.clock()

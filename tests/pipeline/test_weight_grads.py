@@ -83,4 +83,3 @@ def test_auto_picks_zero_bubble_where_linear_weights_can_wait() -> None:
     assert choose_schedule(make_model("gpt")) == "zero_bubble"  # nn.Linear MLPs
     assert choose_schedule(make_model("hf_llama")) == "zero_bubble"
     assert choose_schedule(make_model("hf_gpt2")) == "1f1b"  # Conv1D projections: nothing to defer
-    assert choose_schedule(make_model("hf_llama"), mixed_precision=True) == "1f1b"  # autocast turns deferral off

@@ -159,3 +159,35 @@ def test_a_hugging_face_model_on_meta_reads_its_mask_and_is_planned() -> None:
     assert plans[0].balance == plans[1].balance
     assert plans[0].prediction.stage_memory == pytest.approx(plans[1].prediction.stage_memory, rel=0.02)
     assert all(t > 0 for t in plans[0].prediction.stage_time)
+
+
+def test_layers_are_measured_one_at_a_time_on_the_run_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the whole model is still on the CPU at set-up: the step runs there once and each layer is then timed
+    alone on the run's device, never the whole model there (here the device "cpu:0" stands for it). Its activation
+    and output bytes are those of the whole-step profile, and the model ends as it was."""
+    model = HeavyHead()
+    layers = build_plan(model, 2).layers
+    target = torch.device("cpu", 0)
+    moves: list[tuple[str, torch.device]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    original = nn.Module.to
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        moves.append((names.get(id(self), "?"), torch.device(args[0] if args else kwargs["device"])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    rng = torch.get_rng_state()
+    whole = measure_step_costs(model, "training_step", _batch(), 2, True)(layers)
+    assert not moves
+    alone = measure_step_costs(model, "training_step", _batch(), 2, True, on=target)(layers)
+    assert [device for _, device in moves] == [target, torch.device("cpu")] * layers.num_layers  # there and back
+    assert [name for name, _ in moves[::2]] == [f"layers.{i}" for i in range(layers.num_layers)]  # one by one
+    assert alone.layer_activation_bytes == whole.layer_activation_bytes
+    assert alone.layer_output_bytes == whole.layer_output_bytes
+    assert all(t > 0 for t in alone.layer_time) and alone.post_time > 0
+    assert all(torch.equal(p, params[n]) and p.grad is None for n, p in model.named_parameters())
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after)) and torch.equal(torch.get_rng_state(), rng)
