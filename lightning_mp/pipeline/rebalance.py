@@ -2,7 +2,9 @@
 
 Between two optimizer steps, every rank applies the same new balance: a stage sends each layer it gives up (its
 state dict, and for each parameter the optimizer state and the parameter group it sits in) to the stage that takes
-it, then receives the layers it takes. Sends are posted before any receive, so no order of moves can deadlock.
+it, then receives the layers it takes (layers move one way across each stage boundary, so a chain of sends and receives
+completes, with blocking sends too). Tensors travel on the device, CPU-held optimizer state (Adam's ``step``)
+included, and land where they were kept.
 Parameters keep their names, so checkpoints and logs are unaffected, and training continues to the same numbers.
 """
 
@@ -42,7 +44,7 @@ def move_layers(
             block = runtime.plan.layers.layer(i)
             payload = {
                 "state": {k: v.detach() for k, v in block.state_dict().items()},
-                "optimizer": _take_optimizer_state(optimizers, block),
+                "optimizer": _take_optimizer_state(optimizers, block, device),
             }
             p2p.send_activation(payload, pp_ranks[after[i]])
             runtime.release_layer(i)
@@ -55,8 +57,10 @@ def move_layers(
     return outgoing, incoming
 
 
-def _take_optimizer_state(optimizers: list[Optimizer], block: nn.Module) -> dict[str, Any]:
-    """Remove the block's parameters from the optimizers; return, by name, (optimizer, group, state) of each."""
+def _take_optimizer_state(optimizers: list[Optimizer], block: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Remove the block's parameters from the optimizers; return, by name, (optimizer, group, state, the keys of
+    the state tensors kept on the CPU) of each. Every tensor travels on ``device`` (NCCL sends device tensors only;
+    Adam keeps its ``step`` on the CPU), and the receiver puts the CPU ones back there."""
     taken = {}
     for name, param in block.named_parameters():
         for o, optimizer in enumerate(optimizers):
@@ -64,7 +68,9 @@ def _take_optimizer_state(optimizers: list[Optimizer], block: nn.Module) -> dict
                 if any(q is param for q in group["params"]):
                     group["params"] = [q for q in group["params"] if q is not param]
                     state = optimizer.state.pop(param, {})
-                    taken[name] = (o, g, {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()})
+                    on_cpu = [k for k, v in state.items() if isinstance(v, Tensor) and v.device.type == "cpu"]
+                    state = {k: v.detach().to(device) if isinstance(v, Tensor) else v for k, v in state.items()}
+                    taken[name] = (o, g, state, on_cpu)
         param.grad = None
     return taken
 
@@ -72,11 +78,13 @@ def _take_optimizer_state(optimizers: list[Optimizer], block: nn.Module) -> dict
 def _give_optimizer_state(optimizers: list[Optimizer], block: nn.Module, taken: dict[str, Any]) -> None:
     """Put the block's parameters into the groups they came from, with their optimizer state."""
     params = dict(block.named_parameters())
-    for name, (o, g, state) in taken.items():
+    for name, (o, g, state, on_cpu) in taken.items():
         param = params[name]
         optimizers[o].param_groups[g]["params"].append(param)
         if state:
-            optimizers[o].state[param] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+            optimizers[o].state[param] = {
+                k: (v.to("cpu") if k in on_cpu else v.clone()) if isinstance(v, Tensor) else v for k, v in state.items()
+            }
 
 
 def maybe_rebalance(runner: Any, optimizers: list[Optimizer], min_steps: int, device: torch.device) -> None:
