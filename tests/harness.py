@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -110,7 +111,8 @@ def run_job(job: dict[str, Any], out_dir: Path) -> None:
         devices=devices,
         strategy=strategy,
         max_steps=job.get("max_steps", 4),
-        logger=False,
+        # "csv_logger": a CSVLogger writing OUT_DIR/<job>/csv/metrics.csv
+        logger=CSVLogger(out_dir / job["name"], name="csv", version="") if job.get("csv_logger") else False,
         enable_checkpointing=bool(job.get("checkpoint_every")),
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_mp.observe.monitor import StageMonitor, stage_utilization
 from lightning_mp.observe.stats import StepStats
-from lightning_mp.observe.step_logs import LogRecords, capture_logs, replay_logs
+from lightning_mp.observe.step_logs import LogRecords, capture_logs, log_step_values, replay_logs
 from lightning_mp.observe.timeline import ideal_bubble
 from lightning_mp.pipeline.executor import PipelineExecutor, StepResult
 from lightning_mp.pipeline.losses import StepLosses
@@ -231,8 +231,7 @@ class PipelineRunner:
                 metrics[f"pipeline/stage{stage}_peak_activation_mb"] = s.peak_activation_bytes / 2**20
                 if s.utilization is not None:  # a GPU whose NVML reads
                     metrics[f"pipeline/stage{stage}_gpu_util"] = s.utilization
-            for name, value in metrics.items():
-                self.module.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
+            log_step_values(self.module, metrics, batch_size)
             self._advise()
         replay_logs(self.module, combined, batch_size)
         return shared_loss

@@ -142,3 +142,28 @@ def test_rebalancing_moves_layers_and_keeps_the_numbers(tmp_path: Path, every: i
         assert_matches_reference(ref, got)
     assert set(stages[0]["params"]) | set(stages[1]["params"]) == set(ref["params"])
     assert len(stages[0]["params"]) > 2 * 12  # stage 0 now holds more than one block (12 tensors each)
+
+
+@pytest.mark.distributed
+def test_pipeline_metrics_reach_the_loggers_at_the_steps_of_the_models_own_values(tmp_path: Path) -> None:
+    """pipeline/... values are written without self.log's per-key cost, yet where self.log would put them: in
+    the logger's rows of the steps Lightning logs (log_every_n_steps, with gradient accumulation) beside the model's
+    own train_loss."""
+    job = {
+        "name": "logged",
+        "model": "gpt",
+        "model_kwargs": {"batch_size": 4, "n": 48},
+        "devices": 2,
+        "strategy": {"microbatches": 2},
+        "max_steps": 3,
+        "csv_logger": True,
+        "trainer": {"log_every_n_steps": 2, "accumulate_grad_batches": 2},
+    }
+    proc = run_harness([job], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "logged" / "csv" / "metrics.csv").open()))
+    pipeline = {int(r["step"]) for r in rows if r.get("pipeline/bubble")}
+    own = {int(r["step"]) for r in rows if r.get("train_loss")}
+    assert own and pipeline == own, rows
