@@ -11,6 +11,9 @@ configuration:
 - ``ideal``: p·m/(m+p−1) for one stage per rank, p·v·m/(v·m+p−1) for v stages per rank (interleaved; the V shape's
   own bound is higher still, and this one is a lower reference for it);
 - ``of_ideal``: speedup (fair) / ideal;
+- ``of_ideal_loaded``: the same against the fair baseline run while a second copy runs beside it (``slowdown``: how
+  much slower one core computes when both are busy, from shared caches and memory bandwidth; a pipeline of two keeps
+  both busy, so ``ideal`` cannot be reached on a machine where ``slowdown`` > 1);
 - ``vs_torch``: steps/s over torch.distributed.pipelining running the same split, micro-batches and schedule
   (lightning-mp's ``zero_bubble`` is ZB-H1 with one stage per rank; torch's nearest is its interleaved zero-bubble
   schedule, which the row names).
@@ -28,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +177,14 @@ def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> dict[str
     return run_worker(__file__, args, ranks=2 if worker == "torch" else 1)
 
 
+def _run_pair(a: argparse.Namespace) -> float:
+    """Step time of the fair baseline while a second copy runs beside it (the slower of the two): what one core
+    computes when both are busy, as they are in a pipeline of two (shared caches and memory bandwidth)."""
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: _run(a, "accum")["step_s"], range(2)))
+    return max(runs)
+
+
 def _ideal(schedule: str, p: int, m: int) -> float:
     v = 2 if schedule in ("interleaved_1f1b", "zero_bubble_v") else 1
     return p * v * m / (v * m + p - 1)
@@ -186,13 +198,17 @@ def main() -> None:
         return
     p, m = 2, a.microbatches
     shape = {"model": a.model, "layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "microbatches": m}
-    whole, fair = [], []
-    for _ in range(a.repeats):  # alternate the two baselines too
+    whole, fair, loaded = [], [], []
+    for _ in range(a.repeats):  # alternate the baselines too
         whole.append(_run(a, "single")["step_s"])
         fair.append(_run(a, "accum")["step_s"])
-    whole_s, fair_s = min(whole), min(fair)
+        loaded.append(_run_pair(a))
+    whole_s, fair_s, loaded_s = min(whole), min(fair), min(loaded)
+    slowdown = loaded_s / fair_s
     print(json.dumps({"config": "one process, whole batch", **shape, "step_s": round(whole_s, 3)}), flush=True)
     print(json.dumps({"config": "one process, micro-batches accumulated", **shape, "step_s": round(fair_s, 3)}))
+    row = {"config": "two such processes at once (each)", **shape, "step_s": round(loaded_s, 3)}
+    print(json.dumps({**row, "slowdown": round(slowdown, 3)}), flush=True)
     for schedule in a.schedules.split(","):
         torch_runs, lmp_runs = [], []
         for _ in range(a.repeats):  # alternate, so that drifting machine speed hits both alike
@@ -215,6 +231,7 @@ def main() -> None:
                 "speedup_whole": round(whole_s / t, 3),
                 "ideal": round(ideal, 3),
                 "of_ideal": round(fair_s / t / ideal, 3),
+                "of_ideal_loaded": round(fair_s * slowdown / t / ideal, 3),
             }
             if name.startswith("lightning-mp"):
                 row["vs_torch"] = round(torch_s / t, 3)

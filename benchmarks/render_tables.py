@@ -16,19 +16,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pipeline_table(rows: list[dict]) -> str:
     lines = [
-        "| configuration | s/step | speedup vs fair one process | vs whole batch | ideal | of ideal (fair) |"
-        " vs torch.distributed.pipelining | stage busy / wait s/step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | configuration | s/step | speedup vs fair one process | vs whole batch | ideal | of ideal (fair) |"
+        " of ideal, both cores busy | vs torch.distributed.pipelining | stage busy / wait s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["config"].startswith("one process"):
-            lines.append(f"| {r['config']} | {r['step_s']:.3f} | | | | | | |")
+        model = r.get("model", "gpt")
+        if "slowdown" in r:
+            lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | {1 / r['slowdown']:.3f}× | | | | | | |")
             continue
-        vs = f"{r['vs_torch']:.3f}×" if "vs_torch" in r else ""
+        if "speedup" not in r:
+            lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | | | | | | | |")
+            continue
+        vs = f"**{r['vs_torch']:.3f}×**" if "vs_torch" in r else ""
+        loaded = f"{100 * r['of_ideal_loaded']:.1f}%" if "of_ideal_loaded" in r else ""
         stages = " · ".join(f"{b:.2f} / {w:.2f}" for b, w in zip(r.get("stage_busy_s", []), r.get("stage_wait_s", [])))
         lines.append(
-            f"| {r['config']} | {r['step_s']:.3f} | {r['speedup']:.2f}× | {r['speedup_whole']:.2f}× |"
-            f" {r['ideal']:.2f}× | {100 * r['of_ideal']:.1f}% | {vs} | {stages} |"
+            f"| {model} | {r['config']} | {r['step_s']:.3f} | {r['speedup']:.2f}× | {r['speedup_whole']:.2f}× |"
+            f" {r['ideal']:.2f}× | {100 * r['of_ideal']:.1f}% | {loaded} | {vs} | {stages} |"
         )
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from lightning_mp.observe.stats import StepStats
 from lightning_mp.observe.step_logs import LogRecords, capture_logs, log_step_values, replay_logs
 from lightning_mp.observe.timeline import ideal_bubble
 from lightning_mp.pipeline.executor import PipelineExecutor, StepResult
-from lightning_mp.pipeline.losses import StepLosses
+from lightning_mp.pipeline.losses import RecorderPlacement, StepLosses
 from lightning_mp.pipeline.microbatch import batch_size_of, concat_microbatches, split_batch
 from lightning_mp.pipeline.stage import StageRuntime
 from lightning_mp.pipeline.weight_grads import DeferredWeightGrads
@@ -97,6 +97,10 @@ class PipelineRunner:
         self.step_context: Callable[[], AbstractContextManager[Any]] = nullcontext
         # fp16: the precision plugin's GradScaler.scale, applied to every micro-batch's backward loss (loss_scaling.py)
         self.scale_loss: Callable[[Tensor], Tensor] | None = None
+        self._recorder_placement = RecorderPlacement()  # the loss recorder on from the last layer (losses.py)
+
+    def _arm_after_layers(self, call: Callable[[], None] | None) -> None:
+        self.runtime.after_layers = call
 
     def _layers_per_rank(self) -> list[int]:
         plan = self.runtime.plan
@@ -204,7 +208,7 @@ class PipelineRunner:
             with capture_logs(self.module, records, lambda value: losses.log_weight(index, value)):
                 if not observe:
                     return step(microbatches[index], *rest)
-                with losses.recorder(index):
+                with self._recorder_placement.recording(losses.recorder(index), self._arm_after_layers):
                     return step(microbatches[index], *rest)
 
         return run

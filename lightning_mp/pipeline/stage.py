@@ -84,6 +84,7 @@ class StageRuntime:
         self.movable = movable
         self.checkpointing = False  # recompute the own layers' activations in backward (set per micro-batch)
         self.checkpoint_every = 1  # while checkpointing: every n-th own layer (1: all of them)
+        self.after_layers: Callable[[], None] | None = None  # called when the model's last layer has returned
         self._root = root
         self.shared_params = shared_parameters(root, plan)
         self._carries: dict[int, tuple[list[Carry], list[Carry]]] = {}  # chunk -> (carried in, carried out)
@@ -264,7 +265,10 @@ class StageRuntime:
             if outgoing:  # the tensors the next stage needs beside the activation
                 state.captured = (output, {c.key: state.carried_out.get(c.key, state.carried_in.get(c.key)) for c in
                                            outgoing})  # fmt: skip
-            if not self.is_final(chunk):
+            if self.is_final(chunk):
+                if self.after_layers is not None:
+                    self.after_layers()
+            else:
                 if state.grad_enabled and self._trains_own_layers() and not _carries_grad(output):
                     raise PipelineError(self._no_grad_message())
                 raise StageDone

@@ -3,6 +3,7 @@ tensor and data parallelism: micro-batches weigh in by the tokens their mean ave
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lightning_mp.pipeline.losses import MeanLossRecorder, StepLosses
+from lightning_mp.pipeline.losses import MeanLossRecorder, RecorderPlacement, StepLosses
 from tests.conftest import assert_matches_reference, load_result, run_jobs_or_fail
 
 KW = {"batch_size": 6, "n": 20}  # padded rows of 2..12 real tokens: 3 micro-batches hold very different counts
@@ -63,6 +64,48 @@ def test_an_unrecognised_loss_keeps_sample_weights() -> None:
         loss = F.mse_loss(x, torch.zeros(4, 2)) + 1.0
     scaled = losses.backward_loss(0, loss)
     assert torch.allclose(scaled, loss * 0.25) and losses.normalizer() is None and losses.unrecognised_reason
+
+
+class _Counting(torch.overrides.TorchFunctionMode):
+    """A model's own mode, open around its layers."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _micro_batch(placement: RecorderPlacement, layer_mean: bool = False, own_mode: bool = False) -> MeanLossRecorder:
+    """One micro-batch's step: layers (an ``x.mean()`` in them, or under a mode of the model's own), the stage's
+    call after the last layer, then the loss."""
+    armed: list[Any] = []
+    recorder = MeanLossRecorder()
+    x = torch.randn(4, 3)
+    with placement.recording(recorder, armed.append):
+        with _Counting() if own_mode else contextlib.nullcontext():
+            h = x * 2
+            if layer_mean:
+                h = h - h.mean()
+            armed[0]()  # the last layer returned
+        F.cross_entropy(h, torch.tensor([0, 1, 2, 0]))
+    assert armed[-1] is None  # disarmed
+    return recorder
+
+
+def test_the_recorder_is_on_from_the_last_layer_once_that_is_shown_safe() -> None:
+    placement = RecorderPlacement()
+    first = _micro_batch(placement)
+    assert placement.after_layers and len(first.calls) == 1
+    assert [float(c.count) for c in _micro_batch(placement).calls] == [4.0]  # the loss, recorded after the layers
+    assert torch._C._len_torch_function_stack() == 0
+
+
+@pytest.mark.parametrize("case", ["layer_mean", "own_mode"])
+def test_the_recorder_stays_on_for_the_whole_step_when_the_layers_need_it(case: str) -> None:
+    placement = RecorderPlacement()
+    _micro_batch(placement, **{case: True})
+    assert placement.after_layers is False
+    recorder = _micro_batch(placement, **{case: True})
+    assert len(recorder.calls) == (2 if case == "layer_mean" else 1)
+    assert torch._C._len_torch_function_stack() == 0
 
 
 # ---- exactness on processes ------------------------------------------------------------------------------------------
