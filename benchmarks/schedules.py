@@ -2,8 +2,9 @@
 
 For each configuration one JSON line with, each beside its theoretical value:
 
-- ``steps_per_s`` and ``speedup`` over one process (measured in this invocation), against the ideal
-  p·(1 − bubble_ideal) (= p·m/(m+p−1) for GPipe and 1F1B);
+- ``steps_per_s`` and ``speedup`` over one process running the whole batch at once, and ``speedup_fair`` over one
+  process running the same m micro-batches accumulated (the fair baseline: same kernels, same shapes; both measured
+  in this invocation), against the ideal p·(1 − bubble_ideal) (= p·m/(m+p−1) for GPipe and 1F1B);
 - ``bubble``: the measured idle share of the stages' step time, against ``bubble_ideal`` = (p−1)/(m+p−1), (p−1)/p
   without micro-batches, (p−1)/(3m+p−1) for zero_bubble, (p−1)/(2m+p−1) for interleaved_1f1b (2 virtual stages
   per rank), and for zero_bubble_v its own order played out with equal forward, input- and weight-gradient costs;
@@ -40,7 +41,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_v,none")
     p.add_argument("--rounds", type=int, default=2, help="runs per configuration, alternating; the fastest counts")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
-    p.add_argument("--worker", choices=["single", "lmp"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["single", "accum", "lmp"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
     p.add_argument("--m", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", default="never", help=argparse.SUPPRESS)
@@ -61,6 +62,10 @@ def _worker(a: argparse.Namespace) -> None:
     loader = DataLoader(data, batch_size=a.batch)
     if a.worker == "single":
         write_result(a.out, fit_and_time(model, loader, a.steps, "auto", 1))
+        return
+    if a.worker == "accum":  # the same m micro-batches, accumulated: one optimizer step per batch
+        loader = DataLoader(data, batch_size=a.batch // a.m)
+        write_result(a.out, fit_and_time(model, loader, a.steps, "auto", 1, accumulate=a.m))
         return
     strategy = lightning_mp.ModelParallel(
         pipeline_parallel_size=P,
@@ -119,14 +124,21 @@ def main() -> None:
     runs = [(s, int(m), "never") for s in a.schedules.split(",") for m in a.microbatches.split(",")]
     runs.append(("1f1b", 8, "always"))
     single, results = float("inf"), {}
+    ms = sorted({m for _, m, _ in runs})
+    fair = dict.fromkeys(ms, float("inf"))
     for _ in range(a.rounds):  # alternate the configurations: the machine drifts between runs
         single = min(single, _run(a, "single")["step_s"])
+        for m in ms:
+            fair[m] = min(fair[m], _run(a, "accum", m=m)["step_s"])
         for run in runs:
             r = _run(a, "lmp", *run)
             if run not in results or r["step_s"] < results[run]["step_s"]:
                 results[run] = r
     shape = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch, "pp": P, "threads_per_rank": 1}
     print(json.dumps({"config": "one process", **shape, "step_s": round(single, 3)}), flush=True)
+    for m in ms:
+        row = {"config": "one process, micro-batches accumulated", **shape, "microbatches": m}
+        print(json.dumps({**row, "step_s": round(fair[m], 3)}), flush=True)
     rows = []
     for (schedule, m, checkpointing), r in results.items():
         gpipe = results.get(("gpipe", m, "never"))
@@ -139,6 +151,7 @@ def main() -> None:
             "checkpointing": checkpointing,
             "steps_per_s": round(1 / r["step_s"], 3),
             "speedup": round(single / r["step_s"], 3),
+            "speedup_fair": round(fair[m] / r["step_s"], 3),
             "speedup_ideal": round(ideal, 3),
             "bubble": round(r["bubble"], 3),
             "bubble_ideal": round(r["bubble_ideal"], 3),

@@ -136,28 +136,34 @@ class RecorderPlacement:
     """Where a micro-batch's :class:`MeanLossRecorder` is on: from the model's last layer on, where one process's
     loss is computed, so that the layers' own torch calls (most of them) do not pass through it (~6 µs each).
 
-    The first micro-batch of a run is recorded whole and shows whether that is safe: nothing recognised as a mean
-    loss ran in the layers, and no torch function mode of the model's own is open when the last layer returns (the
-    recorder is entered there, and such a mode would be closed over it). Otherwise every micro-batch is recorded
-    whole, as before.
+    The first micro-batch of each kind of step (``training_step``, ``validation_step``, ...) is recorded whole and
+    shows whether that is safe: nothing recognised as a mean loss ran in the layers, and no torch function mode of the
+    model's own is open when the last layer returns (the recorder is entered there, and such a mode would be closed
+    over it). Otherwise, or once a later micro-batch opens such a mode, that kind of step is recorded whole.
     """
 
     def __init__(self) -> None:
-        self.after_layers: bool | None = None  # None: not known until the first recorded micro-batch
+        self.after_layers: dict[str, bool] = {}  # by step kind; absent: not known yet
 
     @contextlib.contextmanager
-    def recording(self, recorder: MeanLossRecorder, arm: Callable[[Callable[[], None] | None], None]) -> Iterator:
-        """Run the body (one micro-batch's step) with ``recorder`` on. ``arm(f)`` makes the stage call ``f()``
-        when the model's last layer has returned (``arm(None)`` disarms)."""
+    def recording(
+        self, recorder: MeanLossRecorder, arm: Callable[[Callable[[], None] | None], None], kind: str
+    ) -> Iterator[None]:
+        """Run the body (one micro-batch's step of ``kind``) with ``recorder`` on. ``arm(f)`` makes the stage call
+        ``f()`` when the model's last layer has returned (``arm(None)`` disarms)."""
         depth = torch._C._len_torch_function_stack()
-        if self.after_layers:
+        if self.after_layers.get(kind):
             entered = False
 
             def enter() -> None:
                 nonlocal entered
-                if not entered and torch._C._len_torch_function_stack() == depth:
-                    recorder.__enter__()
-                    entered = True
+                if entered:
+                    return
+                if torch._C._len_torch_function_stack() != depth:  # a mode of the model's own is open
+                    self.after_layers[kind] = False
+                    return
+                recorder.__enter__()
+                entered = True
 
             arm(enter)
             try:
@@ -174,8 +180,8 @@ class RecorderPlacement:
                 yield
         finally:
             arm(None)
-        if self.after_layers is None and seen:
-            self.after_layers = seen[0]
+        if kind not in self.after_layers and seen:
+            self.after_layers[kind] = seen[0]
 
 
 LOSS_NORMALIZATIONS = ("auto", "samples", "global_tokens")

@@ -203,12 +203,13 @@ class PipelineRunner:
     def _step_fn(self, hook: str, microbatches: list, rest: tuple, records: LogRecords, losses: StepLosses):
         step = getattr(self.module, hook)
         observe = self.runtime.is_last and hook != "predict_step"  # the rank that computes the loss
+        placement = self._recorder_placement
 
         def run(index: int) -> Any:
             with capture_logs(self.module, records, lambda value: losses.log_weight(index, value)):
                 if not observe:
                     return step(microbatches[index], *rest)
-                with self._recorder_placement.recording(losses.recorder(index), self._arm_after_layers):
+                with placement.recording(losses.recorder(index), self._arm_after_layers, hook):
                     return step(microbatches[index], *rest)
 
         return run

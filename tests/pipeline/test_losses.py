@@ -79,7 +79,7 @@ def _micro_batch(placement: RecorderPlacement, layer_mean: bool = False, own_mod
     armed: list[Any] = []
     recorder = MeanLossRecorder()
     x = torch.randn(4, 3)
-    with placement.recording(recorder, armed.append):
+    with placement.recording(recorder, armed.append, "training_step"):
         with _Counting() if own_mode else contextlib.nullcontext():
             h = x * 2
             if layer_mean:
@@ -93,7 +93,7 @@ def _micro_batch(placement: RecorderPlacement, layer_mean: bool = False, own_mod
 def test_the_recorder_is_on_from_the_last_layer_once_that_is_shown_safe() -> None:
     placement = RecorderPlacement()
     first = _micro_batch(placement)
-    assert placement.after_layers and len(first.calls) == 1
+    assert placement.after_layers == {"training_step": True} and len(first.calls) == 1
     assert [float(c.count) for c in _micro_batch(placement).calls] == [4.0]  # the loss, recorded after the layers
     assert torch._C._len_torch_function_stack() == 0
 
@@ -102,9 +102,18 @@ def test_the_recorder_is_on_from_the_last_layer_once_that_is_shown_safe() -> Non
 def test_the_recorder_stays_on_for_the_whole_step_when_the_layers_need_it(case: str) -> None:
     placement = RecorderPlacement()
     _micro_batch(placement, **{case: True})
-    assert placement.after_layers is False
+    assert placement.after_layers == {"training_step": False}
     recorder = _micro_batch(placement, **{case: True})
     assert len(recorder.calls) == (2 if case == "layer_mean" else 1)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_mode_opened_later_around_the_layers_turns_whole_step_recording_back_on() -> None:
+    placement = RecorderPlacement()
+    _micro_batch(placement)
+    assert not _micro_batch(placement, own_mode=True).calls  # cannot be entered under the model's own mode
+    assert placement.after_layers == {"training_step": False}
+    assert len(_micro_batch(placement, own_mode=True).calls) == 1
     assert torch._C._len_torch_function_stack() == 0
 
 
