@@ -235,10 +235,19 @@ class PipelineExecutor:
             source = self.rank_of_stage(stage + 1)
             filling = self.deferred is not None and self.deferred.enabled
             if self.exchange is not None:  # zero_bubble_v: weight gradients fill the wait for the gradients
-                fill = (lambda: self._fill_one(stats)) if filling else None
-                t0 = self.clock.mark()
+                waiting = [self.clock.mark()]
+
+                def fill() -> bool:  # the wait is counted apart from the weight gradients run in it
+                    if not self.deferred.has_pending():  # type: ignore[union-attr]
+                        return False
+                    self._span(stats, "recv", index, waiting[0])
+                    self._fill_one(stats)
+                    waiting[0] = self.clock.mark()
+                    return True
+
                 outputs = [t for t in item.sent if t.requires_grad]
-                grads = self.exchange.take_grads(("B", stage, index), fill)
+                grads = self.exchange.take_grads(("B", stage, index), fill if filling else None)
+                t0 = waiting[0]
             elif filling:
                 assert self.deferred is not None
                 pending = self.p2p.irecv_grads(item.sent, source, label)

@@ -70,6 +70,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     every2["checkpoint_every_n_layers"] = 2  # stage 0 runs blocks 0 and 1: block 0 recomputed, block 1 kept
     jobs.append({"name": "ckpt-every2", "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": every2})
     jobs[2]["timeline"] = True
+    zbv = {"pipeline_parallel_size": 2, "microbatches": 8, "schedule": "zero_bubble_v", "balance": "uniform"}
+    jobs.append({"name": "zbv", "model": "gpt", "model_kwargs": KW, "devices": 2, "strategy": zbv, "timeline": True})
     return run_jobs_or_fail(tmp_path_factory, "timeline", jobs)
 
 
@@ -82,6 +84,18 @@ def test_timeline_files_show_every_stage(runs: Path) -> None:
         assert {f"F{i}" for i in range(8)} | {f"B{i}" for i in range(8)} <= names
     assert any(e["cat"] == "recv" and e["tid"] == 1 for e in spans)
     assert (runs / "1f1b" / "timeline.png").stat().st_size > 1000
+
+
+@pytest.mark.distributed
+def test_waiting_is_counted_apart_from_the_weight_gradients_that_fill_it(runs: Path) -> None:
+    """zero_bubble_v runs weight gradients while it waits for an input gradient: no wait span covers one."""
+    assert_matches_reference(load_result(runs, "ref", 0), load_result(runs, "zbv", 0))
+    spans = [e for e in json.loads((runs / "zbv" / "timeline.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert any(e["cat"] == "W" for e in spans)
+    for stage in (0, 1):
+        waits = [(e["ts"], e["ts"] + e["dur"]) for e in spans if e["tid"] == stage and e["cat"] == "recv"]
+        work = [(e["ts"], e["ts"] + e["dur"]) for e in spans if e["tid"] == stage and e["cat"] in "FBW"]
+        assert not [(w, b) for w in waits for b in work if w[0] < b[1] - 1 and b[0] < w[1] - 1]  # µs of slack
 
 
 @pytest.mark.distributed
