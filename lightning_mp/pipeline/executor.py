@@ -70,6 +70,7 @@ class PipelineExecutor:
         self._memory = _ActivationMemory()
         self._marks: list[tuple[str, int, Any, Any]] = []  # this step's spans, as clock marks
         self._spec_keys: Sequence[Any] | None = None
+        self._tick = 0  # with several stages per rank: the tick of the running action
 
     def run(
         self,
@@ -107,6 +108,7 @@ class PipelineExecutor:
                 if exchange is not None:
                     assert ticks is not None
                     exchange.advance(ticks.ticks[j])
+                    self._tick = ticks.ticks[j]
                 if deferred is not None:
                     deferred.microbatch = action.microbatch
                 if action.kind == "F":
@@ -148,12 +150,22 @@ class PipelineExecutor:
         """Run queued weight-gradient products (one; or until ``keep`` micro-batches wait), as busy "W" spans."""
         deferred = self.deferred
         assert deferred is not None
+        if deferred.has_pending() and (one or len(deferred.pending) > keep):
+            self._post_sent()
         while deferred.has_pending() and (one or len(deferred.pending) > keep):
             t0 = self.clock.mark()
             microbatch = deferred.run_one()
             self._span(stats, "W", microbatch, t0)
             if one:
                 return
+
+    def _post_sent(self) -> None:
+        """Post what the last action sent (otherwise posted with the next action's receive), so that the weight
+        gradients about to run do not hold back the message a neighbour waits for (the same posting order, earlier)."""
+        if self.exchange is not None:
+            self.exchange.advance_computed(self._tick)
+        else:
+            self.p2p.flush()
 
     def _fill_one(self, stats: StepStats) -> bool:
         """Run one queued weight-gradient product; False when none is queued."""

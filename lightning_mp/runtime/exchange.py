@@ -152,6 +152,15 @@ class TickExchange:
         while self._pending and self._pending[0].tick < tick:
             self._post(self._pending.popleft())
 
+    def advance_computed(self, tick: int) -> None:
+        """Post, in order, the exchanges of ticks up to ``tick`` whose messages this rank has all computed."""
+        while (
+            self._pending
+            and self._pending[0].tick <= tick
+            and all(msg in self._outgoing for _, msg in self._pending[0].sends)
+        ):
+            self._post(self._pending.popleft())
+
     def finish(self) -> None:
         """Post the step's remaining exchanges."""
         self.advance(1 << 62)
