@@ -15,8 +15,9 @@ configuration:
   much slower one core computes when both are busy, from shared caches and memory bandwidth; a pipeline of two keeps
   both busy, so ``ideal`` cannot be reached on a machine where ``slowdown`` > 1);
 - ``vs_torch``: steps/s over torch.distributed.pipelining running the same split, micro-batches and schedule
-  (lightning-mp's ``zero_bubble`` is ZB-H1 with one stage per rank; torch's nearest is its interleaved zero-bubble
-  schedule, which the row names).
+  (``zero_bubble``: ZB-H1, one stage per rank, against torch's interleaved zero-bubble class with one stage per rank,
+  its ZB-H1; ``zero_bubble_interleaved``: lightning-mp's zero_bubble with virtual_stages=2 against the same class with
+  two stages per rank).
 
 Each configuration runs ``--repeats`` times, lightning-mp and torch alternating, and the fastest run counts (the
 median step of a run, after one warm-up step): step times on this kind of machine drift by up to ±15% between runs.
@@ -42,14 +43,16 @@ import torch  # noqa: E402
 
 from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
 
-SCHEDULES = "gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_v"
-# lightning-mp schedule -> (torch.distributed.pipelining class, stages per rank, placement)
-TORCH_SCHEDULES = {
-    "gpipe": ("ScheduleGPipe", 1, "loop"),
-    "1f1b": ("Schedule1F1B", 1, "loop"),
-    "interleaved_1f1b": ("ScheduleInterleaved1F1B", 2, "loop"),
-    "zero_bubble": ("ScheduleInterleavedZeroBubble", 2, "loop"),
-    "zero_bubble_v": ("ScheduleZBVZeroBubble", 2, "v"),
+SCHEDULES = "gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_interleaved,zero_bubble_v"
+# configuration -> (lightning-mp schedule, stages per rank, torch.distributed.pipelining class, placement); torch's
+# interleaved zero-bubble class with one stage per rank is its ZB-H1 ("ZB1P"), with two its interleaved zero bubble
+CONFIGS = {
+    "gpipe": ("gpipe", 1, "ScheduleGPipe", "loop"),
+    "1f1b": ("1f1b", 1, "Schedule1F1B", "loop"),
+    "interleaved_1f1b": ("interleaved_1f1b", 2, "ScheduleInterleaved1F1B", "loop"),
+    "zero_bubble": ("zero_bubble", 1, "ScheduleInterleavedZeroBubble", "loop"),
+    "zero_bubble_interleaved": ("zero_bubble", 2, "ScheduleInterleavedZeroBubble", "loop"),
+    "zero_bubble_v": ("zero_bubble_v", 2, "ScheduleZBVZeroBubble", "v"),
 }
 
 
@@ -94,8 +97,13 @@ def _lightning_worker(a: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_size=a.batch // a.microbatches)
         result = fit_and_time(_model(a), loader, a.steps, "auto", 1, accumulate=a.microbatches)
     else:
+        schedule, per_rank, _, _ = CONFIGS[a.schedule]
         strategy = lightning_mp.ModelParallel(
-            pipeline_parallel_size=2, schedule=a.schedule, microbatches=a.microbatches, balance="uniform"
+            pipeline_parallel_size=2,
+            schedule=schedule,
+            virtual_stages=per_rank if schedule != "zero_bubble_v" else None,
+            microbatches=a.microbatches,
+            balance="uniform",
         )
         result = fit_and_time(_model(a), DataLoader(data, batch_size=a.batch), a.steps, strategy, 2)
     write_result(a.out, result)
@@ -138,7 +146,7 @@ def _torch_worker(a: argparse.Namespace) -> None:
 
     dist.init_process_group("gloo")
     rank, ranks = dist.get_rank(), dist.get_world_size()
-    name, per_rank, placement = TORCH_SCHEDULES[a.schedule]
+    _, per_rank, name, placement = CONFIGS[a.schedule]
     parts = _torch_stages(_model(a), rank, ranks, per_rank, placement)
     stages = [PipelineStage(m, k, ranks * per_rank, torch.device("cpu")) for k, m in parts]
 
@@ -146,7 +154,8 @@ def _torch_worker(a: argparse.Namespace) -> None:
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
     cls = getattr(pipelining, name)
-    schedule = cls(stages if per_rank > 1 else stages[0], n_microbatches=a.microbatches, loss_fn=loss_fn)
+    multi = issubclass(cls, pipelining.schedules.PipelineScheduleMulti)  # takes a list, even of one stage
+    schedule = cls(stages if multi else stages[0], n_microbatches=a.microbatches, loss_fn=loss_fn)
     params = [p for _, m in parts for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
     holds_first = any(k == 0 for k, _ in parts)
@@ -185,8 +194,8 @@ def _run_pair(a: argparse.Namespace) -> float:
     return max(runs)
 
 
-def _ideal(schedule: str, p: int, m: int) -> float:
-    v = 2 if schedule in ("interleaved_1f1b", "zero_bubble_v") else 1
+def _ideal(config: str, p: int, m: int) -> float:
+    v = CONFIGS[config][1]
     return p * v * m / (v * m + p - 1)
 
 
@@ -217,10 +226,12 @@ def main() -> None:
         torch_s = min(r["step_s"] for r in torch_runs)
         lmp = min(lmp_runs, key=lambda r: r["step_s"])
         ideal = _ideal(schedule, p, m)
-        torch_name = TORCH_SCHEDULES[schedule][0]
+        lmp_schedule, per_rank, torch_name, _ = CONFIGS[schedule]
+        virtual = f", virtual_stages={per_rank}" if lmp_schedule == "zero_bubble" and per_rank > 1 else ""
+        stages = f", {per_rank} stages per rank" if torch_name.startswith("ScheduleInterleavedZ") else ""
         for name, t in (
-            (f"torch.distributed.pipelining {torch_name}", torch_s),
-            (f"lightning-mp {schedule}", lmp["step_s"]),
+            (f"torch.distributed.pipelining {torch_name}{stages}", torch_s),
+            (f"lightning-mp {lmp_schedule}{virtual}", lmp["step_s"]),
         ):
             row = {
                 "config": name,

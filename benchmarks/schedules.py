@@ -7,7 +7,8 @@ For each configuration one JSON line with, each beside its theoretical value:
   in this invocation), against the ideal p·(1 − bubble_ideal) (= p·m/(m+p−1) for GPipe and 1F1B);
 - ``bubble``: the measured idle share of the stages' step time, against ``bubble_ideal`` = (p−1)/(m+p−1), (p−1)/p
   without micro-batches, (p−1)/(3m+p−1) for zero_bubble, (p−1)/(2m+p−1) for interleaved_1f1b (2 virtual stages
-  per rank), and for zero_bubble_v its own order played out with equal forward, input- and weight-gradient costs;
+  per rank), and for zero_bubble_v and zero_bubble_interleaved (zero_bubble with virtual_stages=2) their own orders
+  played out with equal forward, input- and weight-gradient costs;
 - ``peak_activation_mb`` per stage (bytes saved for backward by the micro-batches in flight, at their peak), and
   ``activation_vs_gpipe`` against ``activation_vs_gpipe_ideal`` = (p − stage)/m for 1F1B (GPipe holds all m).
 
@@ -33,12 +34,15 @@ import torch  # noqa: E402
 from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
 
 P = 2
+INTERLEAVED_ZERO_BUBBLE = ("zero_bubble", 2)  # the configuration "zero_bubble_interleaved": 2 virtual stages per rank
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = gpt_arguments(__doc__, steps=4)
     p.add_argument("--microbatches", default="4,8,16")
-    p.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_v,none")
+    p.add_argument(
+        "--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_interleaved,zero_bubble_v,none"
+    )
     p.add_argument("--rounds", type=int, default=2, help="runs per configuration, alternating; the fastest counts")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     p.add_argument("--worker", choices=["single", "accum", "lmp"], help=argparse.SUPPRESS)
@@ -67,9 +71,11 @@ def _worker(a: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_size=a.batch // a.m)
         write_result(a.out, fit_and_time(model, loader, a.steps, "auto", 1, accumulate=a.m))
         return
+    schedule, virtual = INTERLEAVED_ZERO_BUBBLE if a.schedule == "zero_bubble_interleaved" else (a.schedule, None)
     strategy = lightning_mp.ModelParallel(
         pipeline_parallel_size=P,
-        schedule=a.schedule,
+        schedule=schedule,
+        virtual_stages=virtual,
         microbatches=a.m,
         balance="uniform",
         activation_checkpointing=a.checkpointing,
@@ -77,7 +83,7 @@ def _worker(a: argparse.Namespace) -> None:
 
     def report(trainer: Any) -> dict:
         runner = trainer.strategy.runner
-        return bubble_report(list(runner.timelines)[1:], a.schedule, a.m, runner.chunks)  # after the warm-up step
+        return bubble_report(list(runner.timelines)[1:], schedule, a.m, runner.chunks)  # after the warm-up step
 
     write_result(a.out, fit_and_time(model, loader, a.steps, strategy, P, report))
 

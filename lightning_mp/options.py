@@ -12,7 +12,7 @@ from typing import Any
 from lightning_mp.pipeline.losses import LOSS_NORMALIZATIONS
 from lightning_mp.pipeline.sharding import SHARDING_LEVELS
 from lightning_mp.plan.partition import BALANCE_CHOICES, uniform_balance
-from lightning_mp.plan.schedules import SCHEDULE_CHOICES, chunks_of
+from lightning_mp.plan.schedules import INTERLEAVABLE, SCHEDULE_CHOICES, chunks_of
 from lightning_mp.runtime.errors import ConfigError, LayoutError
 from lightning_mp.runtime.layout import parse_bytes
 from lightning_mp.tensor.plan import USER_STYLES
@@ -138,7 +138,8 @@ def _check_together(values: Mapping[str, Any], prefix: str) -> None:
 
 
 def resolve_virtual_stages(schedule: str, virtual_stages: int | None, prefix: str = "") -> int:
-    """Stages per rank: 2 for zero_bubble_v, 2 by default for interleaved_1f1b, and only there more than 1."""
+    """Stages per rank: 2 for zero_bubble_v, 2 by default for interleaved_1f1b; more than 1 only there and for
+    zero_bubble (interleaved zero bubble)."""
     fixed = chunks_of(schedule)
     if fixed is not None:
         if virtual_stages not in (None, fixed):
@@ -148,10 +149,10 @@ def resolve_virtual_stages(schedule: str, virtual_stages: int | None, prefix: st
         return fixed
     if virtual_stages is None:
         return 2 if schedule == "interleaved_1f1b" else 1
-    if virtual_stages > 1 and schedule != "interleaved_1f1b":
+    if virtual_stages > 1 and schedule not in INTERLEAVABLE:
         raise ConfigError(
-            f"{prefix}virtual_stages={virtual_stages} needs schedule='interleaved_1f1b' (schedule={schedule!r} runs"
-            " one stage per rank): set both, or virtual_stages=1."
+            f"{prefix}virtual_stages={virtual_stages} needs schedule='interleaved_1f1b' or 'zero_bubble' (schedule="
+            f"{schedule!r} runs one stage per rank): set both, or virtual_stages=1."
         )
     return virtual_stages
 
@@ -184,10 +185,12 @@ class StrategyOptions:
     """"1f1b" (default: GPipe's bubble with at most pp micro-batches in flight), "gpipe" (all forwards, then all
     backwards), "interleaved_1f1b" (each rank runs ``virtual_stages`` smaller stages: the bubble shrinks by that
     factor, for more messages), "zero_bubble" (1F1B whose nn.Linear layers defer their weight gradients to fill the
-    waits, as ZB-H1: a smaller bubble at 1F1B's memory), or "none" (the model is split but each batch flows through
-    the stages whole); "auto" picks zero_bubble when the layers have nn.Linear weights to defer (and the precision
-    is not mixed), else 1f1b. "zero_bubble_v": the V-shaped zero-bubble schedule (2 stages per rank, down the ranks
-    and back up; rank 0 runs the first and the last stage).
+    waits, as ZB-H1: a smaller bubble at 1F1B's memory; with ``virtual_stages`` > 1, interleaved zero bubble: the
+    interleaved 1F1B order, its weight gradients deferred alike), "zero_bubble_v" (the V-shaped zero-bubble schedule:
+    2 stages per rank, down the ranks and back up; rank 0 runs the first and the last stage), or "none" (the model is
+    split but each batch flows through the stages whole). "auto" simulates every candidate on the measured layer
+    costs and runs the fastest that fits the memory; without measured costs, zero_bubble when the layers have
+    nn.Linear weights to defer, else 1f1b.
     """
     balance: Any = "time"
     """"time" (default: equal forward+backward time, measured at set-up on one micro-batch of the data; "params" when
@@ -265,8 +268,9 @@ class StrategyOptions:
     whole), "fallback" keeps such a module whole with a warning, "off" skips the check.
     """
     virtual_stages: int | None = None
-    """stages per rank for schedule="interleaved_1f1b" (default 2): the layers are split into pp × virtual_stages
-    stages, rank r running stages r, r + pp, ...; 1 for every other schedule.
+    """stages per rank for schedule="interleaved_1f1b" (default 2) or "zero_bubble" (default 1; more makes it
+    interleaved zero bubble): the layers are split into pp × virtual_stages stages, rank r running stages r, r + pp,
+    ...; 1 for every other schedule.
     """
     loss_normalization: str = "auto"
     """How micro-batch losses add up to the batch's. "auto": when the step returns the output of a mean-reduced

@@ -286,8 +286,8 @@ def _resolve_schedule(
         module, found, costs, layout.pp, microbatches, options.max_memory,
         interleave=isinstance(options.balance, str),
     )  # fmt: skip
-    table = ", ".join(f"{e.schedule} {e.step_time:.3g} s / {e.peak_memory / 2**20:.4g} MiB" for e in estimates)
-    rank_zero_info(f"lightning-mp: schedule='auto' runs {chosen.schedule!r} (predicted per step: {table})")
+    table = ", ".join(f"{e.label} {e.step_time:.3g} s / {e.peak_memory / 2**20:.4g} MiB" for e in estimates)
+    rank_zero_info(f"lightning-mp: schedule='auto' runs {chosen.label!r} (predicted per step: {table})")
     return chosen.schedule, chosen.virtual_stages, lambda _: costs, estimates
 
 

@@ -45,7 +45,7 @@ class ModelParallelConfig:
     data_parallel_size: Any = "auto"  # pipeline replicas: a positive int or "auto"
     microbatches: Any = "auto"  # per batch: a positive int or "auto" (= 2 · pipeline_parallel_size)
     schedule: str = "1f1b"  # auto | gpipe | 1f1b | interleaved_1f1b | zero_bubble | zero_bubble_v | none
-    virtual_stages: Optional[int] = None  # stages per rank for interleaved_1f1b (None: 2 there, 1 elsewhere)
+    virtual_stages: Optional[int] = None  # stages per rank for interleaved_1f1b or zero_bubble (None: 2, 1)
     balance: Any = "time"  # time | memory | params | uniform | a list of layer counts per stage
     layers: Optional[str] = None  # dotted path of the block container; None = found automatically
     process_group_backend: Optional[str] = None  # None = gloo on CPU, nccl on GPU

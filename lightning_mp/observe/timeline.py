@@ -32,15 +32,17 @@ def ideal_bubble(schedule: str, num_stages: int, microbatches: int, chunks: int 
     """The idle share of a step with equal stages and free messages: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/p
     without micro-batches, (p-1)/(3m+p-1) for zero_bubble (ZB-H1 with forward, input- and weight-gradient
     passes of equal cost: the last two thirds of each backward fill the bubble), and (p-1)/(v·m+p-1) for
-    interleaved 1F1B with v chunks per rank. For zero_bubble_v, its own order played out with those costs."""
+    interleaved 1F1B with v chunks per rank. For zero_bubble_v and interleaved zero_bubble (v > 1), their own orders
+    played out with those costs."""
     p = num_stages
-    if schedule == "zero_bubble_v":
+    if schedule == "zero_bubble_v" or (schedule == "zero_bubble" and chunks > 1):
         from lightning_mp.plan.schedule_choice import simulate_step
         from lightning_mp.plan.schedules import build_schedule
 
-        orders = [build_schedule(schedule, r, p, microbatches) for r in range(p)]
-        step = simulate_step(orders, [1.0] * 2 * p, deferred_share=0.5)
-        return 1.0 - 2 * microbatches / step
+        v = 2 if schedule == "zero_bubble_v" else chunks
+        orders = [build_schedule(schedule, r, p, microbatches, v) for r in range(p)]
+        step = simulate_step(orders, [1.0] * v * p, deferred_share=0.5)
+        return 1.0 - v * microbatches / step
     if schedule == "interleaved_1f1b":
         return (p - 1) / (chunks * microbatches + p - 1)
     if schedule == "zero_bubble":

@@ -69,7 +69,7 @@ class DeferredWeightGrads:
         if not items:
             del self.pending[microbatch]
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        _accumulate(weight, g.t().mm(inputs.reshape(-1, inputs.shape[-1])).to(weight.dtype))
+        _accumulate_product(weight, g.t(), inputs.reshape(-1, inputs.shape[-1]))
         if bias is not None:
             _accumulate(bias, g.sum(0).to(bias.dtype))
         return microbatch
@@ -77,6 +77,18 @@ class DeferredWeightGrads:
     def clear(self) -> None:
         self.pending.clear()
         self.enabled = False
+
+
+def _accumulate_product(param: Tensor, a: Tensor, b: Tensor) -> None:
+    """``param.grad += a @ b``: into the existing gradient by one fused multiply-add when the dtypes agree (no
+    temporary of the weight's size, no separate addition pass: Megatron's gradient-accumulation fusion), else as
+    autograd would accumulate it."""
+    grad = param.grad
+    if grad is not None and grad.dtype == a.dtype == b.dtype and grad.layout == torch.strided:
+        with torch.no_grad():
+            grad.addmm_(a, b)
+        return
+    _accumulate(param, a.mm(b).to(param.dtype))
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

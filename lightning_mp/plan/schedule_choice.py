@@ -19,8 +19,15 @@ from lightning_mp.plan.schedules import DEFERRING, Action, build_schedule, needs
 
 FORWARD_SHARE = 1 / 3  # of a layer's forward+backward time (the backward computes two matrix products)
 DEFERRED_SHARE = 0.5  # of a backward: the weight-gradient half that zero_bubble runs later
-TWO_PER_RANK = ("interleaved_1f1b", "zero_bubble_v")  # candidates with 2 (virtual) stages per rank
-CANDIDATES = ("1f1b", "zero_bubble", "zero_bubble_v", "interleaved_1f1b", "gpipe")
+# (schedule, stages per rank): zero_bubble with 2 is interleaved zero bubble
+CANDIDATES = (
+    ("1f1b", 1),
+    ("zero_bubble", 1),
+    ("zero_bubble_v", 2),
+    ("zero_bubble", 2),
+    ("interleaved_1f1b", 2),
+    ("gpipe", 1),
+)
 
 
 @dataclass
@@ -32,6 +39,15 @@ class ScheduleEstimate:
     balance: list[int]
     step_time: float  # seconds
     peak_memory: float  # bytes, the largest over the ranks
+
+    @property
+    def label(self) -> str:
+        """The schedule's name, with its stages per rank where the name alone does not fix them."""
+        return (
+            f"{self.schedule} (virtual_stages={self.virtual_stages})"
+            if self.schedule == "zero_bubble" and self.virtual_stages > 1
+            else self.schedule
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -56,10 +72,9 @@ def estimate_schedules(
     twice as many layers as ranks)."""
     p, layers = pipeline_parallel_size, len(costs.layer_time)
     estimates = []
-    for schedule in CANDIDATES:
-        if (schedule in DEFERRING and not can_defer) or (schedule in TWO_PER_RANK and layers < 2 * p):
+    for schedule, chunks in CANDIDATES:
+        if (schedule in DEFERRING and not can_defer) or layers < chunks * p:
             continue
-        chunks = 2 if schedule in TWO_PER_RANK else 1
         placement = stage_ranks(schedule, p, chunks)
         v_stages = p * chunks
         model = StageCostModel(

@@ -26,6 +26,7 @@ SCHEDULE_CHOICES: tuple[str, ...] = (
     "none",
 )
 DEFERRING = ("zero_bubble", "zero_bubble_v")  # schedules whose backwards defer the weight gradients
+INTERLEAVABLE = ("interleaved_1f1b", "zero_bubble")  # schedules that take virtual_stages > 1 (interleaved orders)
 
 
 def stage_ranks(schedule: str, num_ranks: int, chunks: int) -> list[int]:
@@ -390,8 +391,9 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
 
 def build_schedule(name: str, stage: int, num_stages: int, num_microbatches: int, chunks: int = 1) -> list[Action]:
     """The actions of rank ``stage`` (of ``num_stages``) for one training step under schedule ``name``; with
-    ``chunks`` > 1 (interleaved_1f1b) its actions on each of its virtual stages."""
-    if name == "interleaved_1f1b":
+    ``chunks`` > 1 (interleaved_1f1b, or zero_bubble interleaved: the same order, its weight gradients deferred)
+    its actions on each of its virtual stages."""
+    if name == "interleaved_1f1b" or (name in INTERLEAVABLE and chunks > 1):
         return interleaved_1f1b(stage, num_stages, num_microbatches, chunks)
     if name == "zero_bubble_v":
         return zero_bubble_v(stage, num_stages, num_microbatches)

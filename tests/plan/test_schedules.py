@@ -85,6 +85,18 @@ def test_interleaved_order_is_megatrons_when_stages_divide_the_microbatches() ->
 def test_interleaving_shrinks_the_ideal_bubble() -> None:
     assert ideal_bubble("interleaved_1f1b", 4, 8, chunks=2) == pytest.approx(3 / 19)
     assert ideal_bubble("interleaved_1f1b", 4, 8, chunks=2) < ideal_bubble("1f1b", 4, 8)
+    # interleaved zero bubble: below both interleaved 1F1B (the same order) and one stage per rank's zero bubble
+    for p, m in [(2, 4), (4, 8)]:
+        zb2 = ideal_bubble("zero_bubble", p, m, chunks=2)
+        assert 0 < zb2 < ideal_bubble("interleaved_1f1b", p, m, chunks=2)
+        assert zb2 < ideal_bubble("1f1b", p, m)
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 3), (2, 8), (4, 4), (3, 7)])
+def test_interleaved_zero_bubble_runs_interleaved_1f1b_order(p: int, m: int) -> None:
+    for r in range(p):
+        assert build_schedule("zero_bubble", r, p, m, 2) == build_schedule("interleaved_1f1b", r, p, m, 2)
+    assert build_schedule("zero_bubble", 0, p, m) == build_schedule("1f1b", 0, p, m)  # one stage per rank: ZB-H1
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
