@@ -19,8 +19,9 @@ configuration:
   its ZB-H1; ``zero_bubble_interleaved``: lightning-mp's zero_bubble with virtual_stages=2 against the same class with
   two stages per rank).
 
-Each configuration runs ``--repeats`` times, lightning-mp and torch alternating, and the fastest run counts (the
-median step of a run, after one warm-up step): step times on this kind of machine drift by up to ±15% between runs.
+Each configuration runs ``--repeats`` times, lightning-mp and torch alternating (each going first in turn), and the
+fastest run counts (the median step of a run, after one warm-up step): step times on this kind of machine drift by
+up to ±15% between runs. ``vs_torch_pairs`` gives the ratio of each alternating pair, so that the spread shows.
 
 Usage: ``python benchmarks/pipeline.py [--model llama --layers 8 --d 512 --seq 128 --batch 32 --microbatches 8]``.
 """
@@ -220,9 +221,9 @@ def main() -> None:
     print(json.dumps({**row, "slowdown": round(slowdown, 3)}), flush=True)
     for schedule in a.schedules.split(","):
         torch_runs, lmp_runs = [], []
-        for _ in range(a.repeats):  # alternate, so that drifting machine speed hits both alike
-            torch_runs.append(_run(a, "torch", schedule))
-            lmp_runs.append(_run(a, "lmp", schedule))
+        for i in range(a.repeats):  # alternate (who goes first too), so that drifting machine speed hits both alike
+            for worker in ("torch", "lmp") if i % 2 == 0 else ("lmp", "torch"):
+                (torch_runs if worker == "torch" else lmp_runs).append(_run(a, worker, schedule))
         torch_s = min(r["step_s"] for r in torch_runs)
         lmp = min(lmp_runs, key=lambda r: r["step_s"])
         ideal = _ideal(schedule, p, m)
@@ -246,6 +247,7 @@ def main() -> None:
             }
             if name.startswith("lightning-mp"):
                 row["vs_torch"] = round(torch_s / t, 3)
+                row["vs_torch_pairs"] = [round(x["step_s"] / y["step_s"], 3) for x, y in zip(torch_runs, lmp_runs)]
                 row["stage_busy_s"] = [lmp["stages"][k]["busy_s"] for k in sorted(lmp["stages"], key=int)]
                 row["stage_wait_s"] = [lmp["stages"][k]["wait_s"] for k in sorted(lmp["stages"], key=int)]
             print(json.dumps(row), flush=True)
