@@ -8,8 +8,9 @@ configuration:
 - ``speedup_whole``: steps/s over one process running the whole batch at once;
 - ``speedup``: steps/s over one process running the *same micro-batches*, accumulated (the fair baseline: same
   kernels, same shapes; on this machine the whole batch at once runs slower per sample than micro-batches do);
-- ``ideal``: p·m/(m+p−1) for one stage per rank, p·v·m/(v·m+p−1) for v stages per rank (interleaved; the V shape's
-  own bound is higher still, and this one is a lower reference for it);
+- ``ideal``: the schedule's own, p·(1 − its ideal bubble): p·m/(m+p−1) for GPipe and 1F1B, p·v·m/(v·m+p−1) for
+  interleaved 1F1B with v stages per rank, p·3m/(3m+p−1) for zero_bubble (forward, input- and weight-gradient
+  passes of equal cost), and for the zero-bubble schedules with two stages per rank their orders played out;
 - ``of_ideal``: speedup (fair) / ideal;
 - ``of_ideal_loaded``: the same against the fair baseline run while a second copy runs beside it (``slowdown``: how
   much slower one core computes when both are busy, from shared caches and memory bandwidth; a pipeline of two keeps
@@ -196,8 +197,12 @@ def _run_pair(a: argparse.Namespace) -> float:
 
 
 def _ideal(config: str, p: int, m: int) -> float:
-    v = CONFIGS[config][1]
-    return p * v * m / (v * m + p - 1)
+    """The schedule's own ideal speedup p·(1 − its ideal bubble): p·m/(m+p−1) for GPipe and 1F1B, p·v·m/(v·m+p−1)
+    interleaved, p·3m/(3m+p−1) for zero_bubble, and the zero-bubble orders with two stages per rank played out."""
+    from lightning_mp.observe.timeline import ideal_bubble
+
+    schedule, v, _, _ = CONFIGS[config]
+    return p * (1 - ideal_bubble(schedule, p, m, v))
 
 
 def main() -> None:
@@ -229,7 +234,8 @@ def main() -> None:
         ideal = _ideal(schedule, p, m)
         lmp_schedule, per_rank, torch_name, _ = CONFIGS[schedule]
         virtual = f", virtual_stages={per_rank}" if lmp_schedule == "zero_bubble" and per_rank > 1 else ""
-        stages = f", {per_rank} stages per rank" if torch_name.startswith("ScheduleInterleavedZ") else ""
+        per = "1 stage" if per_rank == 1 else f"{per_rank} stages"
+        stages = f", {per} per rank" if torch_name.startswith("ScheduleInterleavedZ") else ""
         for name, t in (
             (f"torch.distributed.pipelining {torch_name}{stages}", torch_s),
             (f"lightning-mp {lmp_schedule}{virtual}", lmp["step_s"]),

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pipeline_table(rows: list[dict]) -> str:
     lines = [
-        "| model | configuration | s/step | speedup vs fair one process | vs whole batch | ideal | of ideal (fair) |"
-        " of ideal, both cores busy | vs torch.distributed.pipelining | stage busy / wait s/step |",
+        "| model | configuration | s/step | speedup vs fair one process | vs whole batch | schedule's ideal |"
+        " of ideal (fair) | of ideal, both cores busy | vs torch.distributed.pipelining | stage busy / wait s/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -29,6 +29,8 @@ def pipeline_table(rows: list[dict]) -> str:
             lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | | | | | | | |")
             continue
         vs = f"**{r['vs_torch']:.3f}×**" if "vs_torch" in r else ""
+        if r.get("vs_torch_pairs"):
+            vs += " (pairs: " + ", ".join(f"{x:.2f}" for x in r["vs_torch_pairs"]) + ")"
         loaded = f"{100 * r['of_ideal_loaded']:.1f}%" if "of_ideal_loaded" in r else ""
         stages = " · ".join(f"{b:.2f} / {w:.2f}" for b, w in zip(r.get("stage_busy_s", []), r.get("stage_wait_s", [])))
         lines.append(
