@@ -1,6 +1,7 @@
 """Public model families nobody here wrote, split as they are: a head registered before the blocks (litgpt, OPT),
-``nn.TransformerEncoder`` (inspects its first layer), PEFT LoRA, and encoder-decoders (T5, BART) whose decoder
-blocks read the encoder's output: one sequence of layers, every boundary, tensors carried beside the activation."""
+``nn.TransformerEncoder`` (inspects its first layer), PEFT LoRA, encoder-decoders (T5, BART) whose decoder blocks
+read the encoder's output (one sequence of layers, every boundary, tensors carried beside the activation), and Qwen2
+and Phi on padded batches under the zero-bubble schedules with two stages per rank."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "t5_inside_encoder": ("seq2seq_t5", {"balance": [1, 3], "schedule": "zero_bubble"}),
     "t5_interleaved": ("seq2seq_t5", {"balance": [1, 1, 1, 1], "schedule": "interleaved_1f1b"}),
     "bart_inside_decoder": ("seq2seq_bart", {"balance": [3, 1], "schedule": "gpipe"}),
+    # padded token-mean losses through the model's own labels=; one block per stage, two stages per rank
+    "qwen2_interleaved_zero_bubble": ("padded_hf_qwen2", {"schedule": "zero_bubble", "virtual_stages": 2}),
+    "phi_zero_bubble_v": ("padded_hf_phi", {"schedule": "zero_bubble_v"}),
 }
 
 

@@ -16,7 +16,18 @@ from tests.conftest import assert_matches_reference, load_result, run_jobs_or_fa
 from tests.models import make_model
 from tests.tensor.test_self_check import check_at_tp2
 
-EXACT = ["hf_llama_lora", "hf_gemma", "hf_qwen3", "swiglu_names", "hf_phi3", "hf_gpt_neox", "litgpt", "fused_wi"]
+EXACT = [
+    "hf_llama_lora",
+    "hf_gemma",
+    "hf_qwen3",
+    "hf_qwen2",
+    "hf_phi",
+    "swiglu_names",
+    "hf_phi3",
+    "hf_gpt_neox",
+    "litgpt",
+    "fused_wi",
+]
 KW = {"batch_size": 6, "n": 20}
 TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "microbatches": 2}
 PP2_TP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "microbatches": 3}

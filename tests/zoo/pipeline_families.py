@@ -1,5 +1,6 @@
 """Models of the kinds issue 13 named, as their users write them: padded token-mean losses (plain and Hugging Face),
-a model that registers its head before its blocks, ``nn.TransformerEncoder``, litgpt's ``GPT``, an encoder-decoder."""
+a model that registers its head before its blocks, ``nn.TransformerEncoder``, litgpt's ``GPT``, an encoder-decoder,
+Qwen2 and Phi."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from tests.models import VOCAB, Base, HFCausalLM, TinyGPT
+from tests.zoo.tp_families import HFFamilyLM
 
 PAD = 0
 
@@ -192,8 +194,18 @@ class PeftLlama(PaddedHF):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
 
 
+class PaddedFamily(HFFamilyLM):
+    """A Hugging Face causal LM of another family (tp_families.py's tiny configs) fine-tuned on padded batches
+    through its own ``labels=`` loss."""
+
+    def dataset(self, seed: int) -> Dataset:
+        return PaddedTokenData(self.n, seed=seed)
+
+
 MODELS = {
     "padded_gpt": PaddedGPT,
+    "padded_hf_qwen2": lambda **kw: PaddedFamily("qwen2", **kw),
+    "padded_hf_phi": lambda **kw: PaddedFamily("phi", **kw),
     "padded_hf_llama": lambda **kw: PaddedHF(family="llama", **kw),
     "padded_hf_gpt2": lambda **kw: PaddedHF(family="gpt2", **kw),
     "weighted_loss_gpt": WeightedLossGPT,

@@ -1,7 +1,7 @@
 """Tiny models of public families for the tensor-parallel tests: Hugging Face LLaMA (+ PEFT LoRA), Gemma, Qwen3,
-Phi-3, GPT-NeoX, T5, litgpt's ``GPT``, and two blocks written by hand (a SwiGLU whose layers are called ``gate``,
-``up``, ``down``; a fused gate/up ``Wi`` split by ``chunk(2)``). Each is built offline from a small config, with
-dropout off."""
+Qwen2, Phi, Phi-3, GPT-NeoX, T5, litgpt's ``GPT``, and two blocks written by hand (a SwiGLU whose layers are called
+``gate``, ``up``, ``down``; a fused gate/up ``Wi`` split by ``chunk(2)``). Each is built offline from a small config,
+with dropout off."""
 
 from __future__ import annotations
 
@@ -70,7 +70,36 @@ def _gpt_neox(layers: int) -> nn.Module:
     return GPTNeoXForCausalLM(config)
 
 
-_HF = {"llama": _llama, "gemma": _gemma, "qwen3": _qwen3, "phi3": _phi3, "gpt_neox": _gpt_neox}
+def _qwen2(layers: int) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(  # biases on q, k and v (none on o); grouped key/value heads; an untied head
+        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=HIDDEN, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config)
+
+
+def _phi(layers: int) -> nn.Module:
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(  # attention and MLP side by side on one LayerNorm; partial rotary; biases everywhere
+        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=HIDDEN, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=CONTEXT, partial_rotary_factor=0.5, resid_pdrop=0.0,
+        embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return PhiForCausalLM(config)
+
+
+_HF = {
+    "llama": _llama,
+    "gemma": _gemma,
+    "qwen3": _qwen3,
+    "qwen2": _qwen2,
+    "phi": _phi,
+    "phi3": _phi3,
+    "gpt_neox": _gpt_neox,
+}
 
 
 class HFFamilyLM(Base):
@@ -187,6 +216,8 @@ MODELS = {
     "hf_llama_lora": lambda **kw: HFFamilyLM("llama", lora=True, **kw),
     "hf_gemma": lambda **kw: HFFamilyLM("gemma", **kw),
     "hf_qwen3": lambda **kw: HFFamilyLM("qwen3", **kw),
+    "hf_qwen2": lambda **kw: HFFamilyLM("qwen2", **kw),
+    "hf_phi": lambda **kw: HFFamilyLM("phi", **kw),
     "hf_phi3": lambda **kw: HFFamilyLM("phi3", **kw),
     "hf_gpt_neox": lambda **kw: HFFamilyLM("gpt_neox", **kw),
     "hf_t5": HFT5,
