@@ -41,6 +41,7 @@ from lightning_mp.pipeline.loss_scaling import agree_on_overflow, loss_scaler_of
 from lightning_mp.pipeline.microbatch import check_microbatches
 from lightning_mp.pipeline.rebalance import maybe_rebalance
 from lightning_mp.plan.build import BalanceSpec
+from lightning_mp.runtime.host_memory import keep_freed_host_memory
 from lightning_mp.runtime.launcher import HydraJobLauncher
 from lightning_mp.runtime.layout import ParallelLayout, SizeSpec
 from lightning_mp.runtime.messages import P2P, all_gather_objects
@@ -224,6 +225,8 @@ class ModelParallel(ParallelStrategy):
             self.describe_rank, self._end_launched_processes,
         )  # fmt: skip
         self._mesh = self.lightning_module._device_mesh = layout.build_mesh(self.root_device.type)
+        if self.root_device.type == "cpu":  # tensors come from the C library's malloc: keep its memory (host_memory.py)
+            keep_freed_host_memory()
 
     def describe_rank(self, rank: int) -> str:
         """A global rank as messages name it: "rank 3 (stage 1)", with the data-parallel replica when dp > 1."""
