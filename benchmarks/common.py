@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -17,24 +18,48 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from benchmarks.lockstep import Turn
+
 ROOT = Path(__file__).resolve().parent.parent
+# a benchmark configuration -> (lightning-mp schedule, stages per rank); "zero_bubble_interleaved" is zero_bubble with
+# two stages per rank (interleaved zero bubble)
+CONFIGURATIONS: dict[str, tuple[str, int]] = {
+    "gpipe": ("gpipe", 1),
+    "1f1b": ("1f1b", 1),
+    "interleaved_1f1b": ("interleaved_1f1b", 2),
+    "zero_bubble": ("zero_bubble", 1),
+    "zero_bubble_interleaved": ("zero_bubble", 2),
+    "zero_bubble_v": ("zero_bubble_v", 2),
+    "none": ("none", 1),
+}
 
 
 class StepTimer(L.Callback):
     """Wall time of every training step (batch start to batch end, optimizer step included); with ``accumulate``
-    batches per optimizer step, from the first batch's start to the last batch's end."""
+    batches per optimizer step, from the first batch's start to the last batch's end. In a lock-step run (see
+    ``benchmarks/lockstep.py``) each step also waits for its turn."""
 
     def __init__(self, accumulate: int = 1) -> None:
         self.times: list[float] = []
         self.accumulate = accumulate
+        self._turn: Turn | None = None
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        self._turn = Turn.from_env(trainer.global_rank)
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.accumulate == 0:
+            if self._turn is not None:
+                self._turn.begin()
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.accumulate == 0:
             self.times.append(time.perf_counter() - self._t0)
+            if self._turn is not None:
+                self._turn.end()
+                if trainer.global_step >= trainer.max_steps:
+                    self._turn.begin()  # the release: exit only once every worker has run its steps
 
 
 def fit_and_time(
@@ -85,6 +110,21 @@ def fit_and_time(
     }
 
 
+def pipeline_strategy(configuration: str, pp: int, microbatches: int, **options: Any) -> Any:
+    """lightning-mp's strategy for a benchmark configuration (a key of :data:`CONFIGURATIONS`), layers split evenly."""
+    import lightning_mp
+
+    schedule, per_rank = CONFIGURATIONS[configuration]
+    return lightning_mp.ModelParallel(
+        pipeline_parallel_size=pp,
+        schedule=schedule,
+        virtual_stages=per_rank,
+        microbatches=microbatches,
+        balance="uniform",
+        **options,
+    )
+
+
 def gpt_arguments(description: str, seq: int = 128, batch: int = 32, steps: int = 5) -> argparse.ArgumentParser:
     """The benchmark GPT's shape options (``--layers --d --heads --seq --batch --steps``) on a new parser."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,20 +143,18 @@ def run_worker(script: str, args: list[str], ranks: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         argv = [sys.executable, script, "--out", str(out), *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        env.pop("LOCAL_RANK", None)
+        env = worker_env()
         if ranks > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE=str(ranks))
             procs = [
                 subprocess.Popen(
                     argv,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    env={**env, **rank_env},
                     cwd=ROOT,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-                for r in range(ranks)
+                for rank_env in process_group_envs(ranks)
             ]
             errors = [p.communicate()[1] for p in procs]
             codes = [p.returncode for p in procs]
@@ -126,6 +164,23 @@ def run_worker(script: str, args: list[str], ranks: int = 1) -> dict:
         if any(codes):
             raise RuntimeError(f"{' '.join(args)} failed:\n" + "\n".join(e[-3000:] for e in errors))
         return json.loads(out.read_text())
+
+
+def worker_env() -> dict[str, str]:
+    """A worker's environment: one thread, no warnings, no rank or rendezvous variables of its parent."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def process_group_envs(ranks: int) -> list[dict[str, str]]:
+    """The torch.distributed variables of each of ``ranks`` processes that start a process group on this host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks)}
+    return [{**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(ranks)]
 
 
 def write_result(path: str, result: dict | None) -> None:

@@ -7,7 +7,8 @@ configuration:
 
 - ``speedup_whole``: steps/s over one process running the whole batch at once;
 - ``speedup``: steps/s over one process running the *same micro-batches*, accumulated (the fair baseline: same
-  kernels, same shapes; on this machine the whole batch at once runs slower per sample than micro-batches do);
+  kernels, same shapes; on this machine the whole batch at once runs slower per sample than micro-batches do),
+  ``fair_s`` its step time;
 - ``ideal``: the schedule's own, p·(1 − its ideal bubble): p·m/(m+p−1) for GPipe and 1F1B, p·v·m/(v·m+p−1) for
   interleaved 1F1B with v stages per rank, p·3m/(3m+p−1) for zero_bubble (forward, input- and weight-gradient
   passes of equal cost), and for the zero-bubble schedules with two stages per rank their orders played out;
@@ -18,11 +19,13 @@ configuration:
 - ``vs_torch``: steps/s over torch.distributed.pipelining running the same split, micro-batches and schedule
   (``zero_bubble``: ZB-H1, one stage per rank, against torch's interleaved zero-bubble class with one stage per rank,
   its ZB-H1; ``zero_bubble_interleaved``: lightning-mp's zero_bubble with virtual_stages=2 against the same class with
-  two stages per rank).
+  two stages per rank); ``vs_torch_rounds``: the ratio in each round.
 
-Each configuration runs ``--repeats`` times, lightning-mp and torch alternating (each going first in turn), and the
-fastest run counts (the median step of a run, after one warm-up step): step times on this kind of machine drift by
-up to ±15% between runs. ``vs_torch_pairs`` gives the ratio of each alternating pair, so that the spread shows.
+Step times on this kind of machine drift by ±10–15% within minutes, so for each schedule the fair baseline, torch
+and lightning-mp run **in lock step** (``benchmarks/lockstep.py``): all three are started together and take turns
+one training step at a time, the first mover rotating, so that their n-th steps run within seconds of each other.
+Each one's step time is the median of its ``--steps`` timed steps (after one warm-up step). The whole-batch baseline
+and the loaded pair run on their own, ``--repeats`` times alternating, the fastest counting.
 
 Usage: ``python benchmarks/pipeline.py [--model llama --layers 8 --d 512 --seq 128 --batch 32 --microbatches 8]``.
 """
@@ -33,6 +36,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,28 +47,38 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CONFIGURATIONS,
+    fit_and_time,
+    gpt_arguments,
+    pipeline_strategy,
+    process_group_envs,
+    run_worker,
+    worker_env,
+    write_result,
+)
+from benchmarks.lockstep import Side, Turn, run_in_lock_step  # noqa: E402
 
 SCHEDULES = "gpipe,1f1b,interleaved_1f1b,zero_bubble,zero_bubble_interleaved,zero_bubble_v"
-# configuration -> (lightning-mp schedule, stages per rank, torch.distributed.pipelining class, placement); torch's
-# interleaved zero-bubble class with one stage per rank is its ZB-H1 ("ZB1P"), with two its interleaved zero bubble
-CONFIGS = {
-    "gpipe": ("gpipe", 1, "ScheduleGPipe", "loop"),
-    "1f1b": ("1f1b", 1, "Schedule1F1B", "loop"),
-    "interleaved_1f1b": ("interleaved_1f1b", 2, "ScheduleInterleaved1F1B", "loop"),
-    "zero_bubble": ("zero_bubble", 1, "ScheduleInterleavedZeroBubble", "loop"),
-    "zero_bubble_interleaved": ("zero_bubble", 2, "ScheduleInterleavedZeroBubble", "loop"),
-    "zero_bubble_v": ("zero_bubble_v", 2, "ScheduleZBVZeroBubble", "v"),
+# configuration (CONFIGURATIONS) -> (torch.distributed.pipelining class, placement of its stages); torch's interleaved
+# zero-bubble class with one stage per rank is its ZB-H1 ("ZB1P"), with two its interleaved zero bubble
+TORCH_SCHEDULES = {
+    "gpipe": ("ScheduleGPipe", "loop"),
+    "1f1b": ("Schedule1F1B", "loop"),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop"),
+    "zero_bubble": ("ScheduleInterleavedZeroBubble", "loop"),
+    "zero_bubble_interleaved": ("ScheduleInterleavedZeroBubble", "loop"),
+    "zero_bubble_v": ("ScheduleZBVZeroBubble", "v"),
 }
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = gpt_arguments(__doc__)
+    p = gpt_arguments(__doc__, steps=8)
     p.add_argument("--model", choices=["gpt", "llama"], default="gpt")
     p.add_argument("--hidden", type=int, default=1376, help="the SwiGLU MLP's width (--model llama)")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--schedules", default=SCHEDULES)
-    p.add_argument("--repeats", type=int, default=2, help="runs per configuration, alternating; the fastest counts")
+    p.add_argument("--repeats", type=int, default=2, help="runs of the lone baselines; the fastest counts")
     p.add_argument("--worker", choices=["single", "accum", "lmp", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -90,8 +104,6 @@ def _data(a: argparse.Namespace) -> torch.Tensor:
 def _lightning_worker(a: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
-    import lightning_mp
-
     data = _data(a)
     if a.worker == "single":  # the whole batch at once
         result = fit_and_time(_model(a), DataLoader(data, batch_size=a.batch), a.steps, "auto", 1)
@@ -99,14 +111,7 @@ def _lightning_worker(a: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_size=a.batch // a.microbatches)
         result = fit_and_time(_model(a), loader, a.steps, "auto", 1, accumulate=a.microbatches)
     else:
-        schedule, per_rank, _, _ = CONFIGS[a.schedule]
-        strategy = lightning_mp.ModelParallel(
-            pipeline_parallel_size=2,
-            schedule=schedule,
-            virtual_stages=per_rank if schedule != "zero_bubble_v" else None,
-            microbatches=a.microbatches,
-            balance="uniform",
-        )
+        strategy = pipeline_strategy(a.schedule, 2, a.microbatches)
         result = fit_and_time(_model(a), DataLoader(data, batch_size=a.batch), a.steps, strategy, 2)
     write_result(a.out, result)
 
@@ -148,7 +153,8 @@ def _torch_worker(a: argparse.Namespace) -> None:
 
     dist.init_process_group("gloo")
     rank, ranks = dist.get_rank(), dist.get_world_size()
-    _, per_rank, name, placement = CONFIGS[a.schedule]
+    per_rank = CONFIGURATIONS[a.schedule][1]
+    name, placement = TORCH_SCHEDULES[a.schedule]
     parts = _torch_stages(_model(a), rank, ranks, per_rank, placement)
     stages = [PipelineStage(m, k, ranks * per_rank, torch.device("cpu")) for k, m in parts]
 
@@ -163,15 +169,21 @@ def _torch_worker(a: argparse.Namespace) -> None:
     holds_first = any(k == 0 for k, _ in parts)
     holds_last = any(k == ranks * per_rank - 1 for k, _ in parts)
     data = _data(a)
-    times = []
+    times, turn = [], Turn.from_env(rank)
     for step in range(a.steps + 1):
         batch = data[step * a.batch : (step + 1) * a.batch]
+        if turn is not None:
+            turn.begin()
         t0 = time.perf_counter()
         opt.zero_grad()
         inputs = (batch[:, :-1],) if holds_first else ()
         schedule.step(*inputs, **({"target": batch[:, 1:]} if holds_last else {}))
         opt.step()
         times.append(time.perf_counter() - t0)
+        if turn is not None:
+            turn.end()
+    if turn is not None:
+        turn.begin()  # the release
     dist.barrier()
     if rank == 0:
         write_result(a.out, {"step_s": statistics.median(times[1:])})
@@ -201,8 +213,29 @@ def _ideal(config: str, p: int, m: int) -> float:
     interleaved, p·3m/(3m+p−1) for zero_bubble, and the zero-bubble orders with two stages per rank played out."""
     from lightning_mp.observe.timeline import ideal_bubble
 
-    schedule, v, _, _ = CONFIGS[config]
+    schedule, v = CONFIGURATIONS[config]
     return p * (1 - ideal_bubble(schedule, p, m, v))
+
+
+def _argv(a: argparse.Namespace, worker: str, schedule: str, out: Path) -> list[str]:
+    argv = [sys.executable, __file__, "--out", str(out), "--worker", worker, "--schedule", schedule]
+    for name in ("model", "hidden", "layers", "d", "heads", "seq", "batch", "microbatches", "steps"):
+        argv += [f"--{name}", str(getattr(a, name))]
+    return argv
+
+
+def _in_lock_step(a: argparse.Namespace, schedule: str) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """The fair baseline, torch.distributed.pipelining and lightning-mp on ``schedule``, taking turns step by step
+    (``benchmarks/lockstep.py``): each one's step times after the warm-up, and lightning-mp's own report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = {name: Path(tmp) / f"{name}.json" for name in ("fair", "torch", "lmp")}
+        sides = [
+            Side("fair", _argv(a, "accum", schedule, out["fair"]), ranks=1),
+            Side("torch", _argv(a, "torch", schedule, out["torch"]), ranks=2, rank_envs=process_group_envs(2)),
+            Side("lmp", _argv(a, "lmp", schedule, out["lmp"]), ranks=2),  # Lightning launches its second rank
+        ]
+        times = run_in_lock_step(sides, a.steps + 1, worker_env(), ROOT)
+        return {name: t[1:] for name, t in times.items()}, json.loads(out["lmp"].read_text())
 
 
 def main() -> None:
@@ -218,33 +251,31 @@ def main() -> None:
         whole.append(_run(a, "single")["step_s"])
         fair.append(_run(a, "accum")["step_s"])
         loaded.append(_run_pair(a))
-    whole_s, fair_s, loaded_s = min(whole), min(fair), min(loaded)
-    slowdown = loaded_s / fair_s
+    whole_s, fair_alone_s, loaded_s = min(whole), min(fair), min(loaded)
+    slowdown = loaded_s / fair_alone_s
     print(json.dumps({"config": "one process, whole batch", **shape, "step_s": round(whole_s, 3)}), flush=True)
-    print(json.dumps({"config": "one process, micro-batches accumulated", **shape, "step_s": round(fair_s, 3)}))
+    row = {"config": "one process, micro-batches accumulated", **shape, "step_s": round(fair_alone_s, 3)}
+    print(json.dumps(row), flush=True)
     row = {"config": "two such processes at once (each)", **shape, "step_s": round(loaded_s, 3)}
     print(json.dumps({**row, "slowdown": round(slowdown, 3)}), flush=True)
     for schedule in a.schedules.split(","):
-        torch_runs, lmp_runs = [], []
-        for i in range(a.repeats):  # alternate (who goes first too), so that drifting machine speed hits both alike
-            for worker in ("torch", "lmp") if i % 2 == 0 else ("lmp", "torch"):
-                (torch_runs if worker == "torch" else lmp_runs).append(_run(a, worker, schedule))
-        torch_s = min(r["step_s"] for r in torch_runs)
-        lmp = min(lmp_runs, key=lambda r: r["step_s"])
+        times, lmp = _in_lock_step(a, schedule)
+        fair_s, torch_s, lmp_s = (statistics.median(times[name]) for name in ("fair", "torch", "lmp"))
         ideal = _ideal(schedule, p, m)
-        lmp_schedule, per_rank, torch_name, _ = CONFIGS[schedule]
+        (lmp_schedule, per_rank), torch_name = CONFIGURATIONS[schedule], TORCH_SCHEDULES[schedule][0]
         virtual = f", virtual_stages={per_rank}" if lmp_schedule == "zero_bubble" and per_rank > 1 else ""
         per = "1 stage" if per_rank == 1 else f"{per_rank} stages"
         stages = f", {per} per rank" if torch_name.startswith("ScheduleInterleavedZ") else ""
         for name, t in (
             (f"torch.distributed.pipelining {torch_name}{stages}", torch_s),
-            (f"lightning-mp {lmp_schedule}{virtual}", lmp["step_s"]),
+            (f"lightning-mp {lmp_schedule}{virtual}", lmp_s),
         ):
             row = {
                 "config": name,
                 "pp": p,
                 **shape,
                 "step_s": round(t, 3),
+                "fair_s": round(fair_s, 3),
                 "speedup": round(fair_s / t, 3),
                 "speedup_whole": round(whole_s / t, 3),
                 "ideal": round(ideal, 3),
@@ -253,7 +284,7 @@ def main() -> None:
             }
             if name.startswith("lightning-mp"):
                 row["vs_torch"] = round(torch_s / t, 3)
-                row["vs_torch_pairs"] = [round(x["step_s"] / y["step_s"], 3) for x, y in zip(torch_runs, lmp_runs)]
+                row["vs_torch_rounds"] = [round(x / y, 3) for x, y in zip(times["torch"], times["lmp"])]
                 row["stage_busy_s"] = [lmp["stages"][k]["busy_s"] for k in sorted(lmp["stages"], key=int)]
                 row["stage_wait_s"] = [lmp["stages"][k]["wait_s"] for k in sorted(lmp["stages"], key=int)]
             print(json.dumps(row), flush=True)

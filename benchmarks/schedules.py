@@ -31,10 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import fit_and_time, gpt_arguments, run_worker, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CONFIGURATIONS,
+    fit_and_time,
+    gpt_arguments,
+    pipeline_strategy,
+    run_worker,
+    write_result,
+)
 
 P = 2
-INTERLEAVED_ZERO_BUBBLE = ("zero_bubble", 2)  # the configuration "zero_bubble_interleaved": 2 virtual stages per rank
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +62,6 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 def _worker(a: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
-    import lightning_mp
     from examples.gpt import GPT, GPTConfig
     from lightning_mp.observe.timeline import bubble_report
 
@@ -71,15 +76,8 @@ def _worker(a: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_size=a.batch // a.m)
         write_result(a.out, fit_and_time(model, loader, a.steps, "auto", 1, accumulate=a.m))
         return
-    schedule, virtual = INTERLEAVED_ZERO_BUBBLE if a.schedule == "zero_bubble_interleaved" else (a.schedule, None)
-    strategy = lightning_mp.ModelParallel(
-        pipeline_parallel_size=P,
-        schedule=schedule,
-        virtual_stages=virtual,
-        microbatches=a.m,
-        balance="uniform",
-        activation_checkpointing=a.checkpointing,
-    )
+    schedule = CONFIGURATIONS[a.schedule][0]
+    strategy = pipeline_strategy(a.schedule, P, a.m, activation_checkpointing=a.checkpointing)
 
     def report(trainer: Any) -> dict:
         runner = trainer.strategy.runner
