@@ -16,26 +16,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pipeline_table(rows: list[dict]) -> str:
     lines = [
-        "| model | configuration | s/step | speedup vs fair one process | vs whole batch | schedule's ideal |"
-        " of ideal (fair) | of ideal, both cores busy | vs torch.distributed.pipelining | stage busy / wait s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | configuration | s/step | fair one process, same rounds | speedup vs fair | vs whole batch |"
+        " schedule's ideal | of ideal (fair) | of ideal, both cores busy | vs torch.distributed.pipelining |"
+        " stage busy / wait s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         model = r.get("model", "gpt")
         if "slowdown" in r:
-            lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | {1 / r['slowdown']:.3f}× | | | | | | |")
+            lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | | {1 / r['slowdown']:.3f}× | | | | | | |")
             continue
         if "speedup" not in r:
-            lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | | | | | | | |")
+            lines.append(f"| {model} | {r['config']} | {r['step_s']:.3f} | | | | | | | | |")
             continue
         vs = f"**{r['vs_torch']:.3f}×**" if "vs_torch" in r else ""
-        if r.get("vs_torch_pairs"):
-            vs += " (pairs: " + ", ".join(f"{x:.2f}" for x in r["vs_torch_pairs"]) + ")"
+        if r.get("vs_torch_rounds"):
+            rounds = r["vs_torch_rounds"]
+            ahead = sum(x >= 1 for x in rounds)
+            vs += f" (rounds {min(rounds):.2f}–{max(rounds):.2f}, {ahead} of {len(rounds)} ≥ 1)"
         loaded = f"{100 * r['of_ideal_loaded']:.1f}%" if "of_ideal_loaded" in r else ""
         stages = " · ".join(f"{b:.2f} / {w:.2f}" for b, w in zip(r.get("stage_busy_s", []), r.get("stage_wait_s", [])))
         lines.append(
-            f"| {model} | {r['config']} | {r['step_s']:.3f} | {r['speedup']:.2f}× | {r['speedup_whole']:.2f}× |"
-            f" {r['ideal']:.2f}× | {100 * r['of_ideal']:.1f}% | {loaded} | {vs} | {stages} |"
+            f"| {model} | {r['config']} | {r['step_s']:.3f} | {r['fair_s']:.3f} | {r['speedup']:.2f}× |"
+            f" {r['speedup_whole']:.2f}× | {r['ideal']:.2f}× | {100 * r['of_ideal']:.1f}% | {loaded} | {vs} |"
+            f" {stages} |"
         )
     return "\n".join(lines)
 
