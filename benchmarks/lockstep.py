@@ -12,6 +12,7 @@ Worker side: :class:`Turn` (``Turn.from_env(rank)`` is None outside a lock-step 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -71,14 +72,16 @@ def run_in_lock_step(sides: list[Side], steps: int, env: dict[str, str], cwd: Pa
     Raises:
         RuntimeError: a side's process exited before its last step, or failed (its error output attached).
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as opened:
         directory = Path(tmp)
-        pipes: dict[str, tuple[list[int], int]] = {}
-        for side in sides:
-            for name in [f"{side.name}.go.{r}" for r in range(side.ranks)] + [f"{side.name}.done"]:
-                os.mkfifo(directory / name)
-            go = [os.open(directory / f"{side.name}.go.{r}", os.O_RDWR) for r in range(side.ranks)]
-            pipes[side.name] = (go, os.open(directory / f"{side.name}.done", os.O_RDWR))
+
+        def fifo(name: str) -> int:
+            os.mkfifo(directory / name)
+            fd = os.open(directory / name, os.O_RDWR)
+            opened.callback(os.close, fd)
+            return fd
+
+        pipes = {s.name: ([fifo(f"{s.name}.go.{r}") for r in range(s.ranks)], fifo(f"{s.name}.done")) for s in sides}
         processes = {
             side.name: [
                 subprocess.Popen(
@@ -86,7 +89,8 @@ def run_in_lock_step(sides: list[Side], steps: int, env: dict[str, str], cwd: Pa
                     env={**env, **extra, ENV: f"{directory}:{side.name}"},
                     cwd=cwd,
                     stdout=subprocess.DEVNULL,
-                    stderr=(directory / f"{side.name}.{i}.err").open("w"),  # a pipe could fill and block the worker
+                    # a file, not a pipe: a pipe nobody reads could fill and block the worker
+                    stderr=opened.enter_context((directory / f"{side.name}.{i}.err").open("w")),
                 )
                 for i, extra in enumerate(side.rank_envs)
             ]

@@ -193,11 +193,16 @@ def _torch_worker(a: argparse.Namespace) -> None:
 # ---- orchestration ----------------------------------------------------------------------------------------------
 
 
-def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> dict[str, Any]:
+def _worker_args(a: argparse.Namespace, worker: str, schedule: str) -> list[str]:
+    """The command-line options of a worker process for ``schedule`` on this invocation's model and batch."""
     args = ["--worker", worker, "--schedule", schedule]
     for name in ("model", "hidden", "layers", "d", "heads", "seq", "batch", "microbatches", "steps"):
         args += [f"--{name}", str(getattr(a, name))]
-    return run_worker(__file__, args, ranks=2 if worker == "torch" else 1)
+    return args
+
+
+def _run(a: argparse.Namespace, worker: str, schedule: str = "1f1b") -> dict[str, Any]:
+    return run_worker(__file__, _worker_args(a, worker, schedule), ranks=2 if worker == "torch" else 1)
 
 
 def _run_pair(a: argparse.Namespace) -> float:
@@ -218,10 +223,7 @@ def _ideal(config: str, p: int, m: int) -> float:
 
 
 def _argv(a: argparse.Namespace, worker: str, schedule: str, out: Path) -> list[str]:
-    argv = [sys.executable, __file__, "--out", str(out), "--worker", worker, "--schedule", schedule]
-    for name in ("model", "hidden", "layers", "d", "heads", "seq", "batch", "microbatches", "steps"):
-        argv += [f"--{name}", str(getattr(a, name))]
-    return argv
+    return [sys.executable, __file__, "--out", str(out), *_worker_args(a, worker, schedule)]
 
 
 def _in_lock_step(a: argparse.Namespace, schedule: str) -> tuple[dict[str, list[float]], dict[str, Any]]:
