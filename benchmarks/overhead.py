@@ -9,9 +9,12 @@ warm-up step, one thread per process, CPU):
 - ``per_microbatch``: a tiny model (compute negligible) at pp = 1, one batch of 16 one-sample micro-batches per
   step, against a plain PyTorch loop doing the same forwards, backwards and optimizer step: the difference per
   micro-batch, in µs, is what Lightning and lightning-mp's runner add to each micro-batch (splitting, capture of
-  ``self.log``, loss normalisation, executor); Lightning accumulating the same micro-batches is shown beside it.
+  ``self.log``, loss normalisation, executor); Lightning accumulating the same micro-batches is shown beside it;
+- ``per_microbatch_pp2``: the same tiny model at pp = 2, 1F1B, against torch.distributed.pipelining's
+  ``Schedule1F1B`` on the same split (``benchmarks/pipeline.py``'s workers, ``--rounds`` lock-step rounds): what
+  lightning-mp's stage machinery and messages add per micro-batch over torch's, where compute does not hide it.
 
-Usage: ``python benchmarks/overhead.py [--layers 8 --d 512 --seq 128 --batch 32 --steps 5]``.
+Usage: ``python benchmarks/overhead.py [--layers 8 --d 512 --seq 128 --batch 32 --steps 5 --measure pp1,...]``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import fit_and_time, gpt_arguments, run_if_worker, run_worker, write_result  # noqa: E402
 
+MEASUREMENTS = "pp1,metrics,per_microbatch,per_microbatch_pp2"
 TINY = {"layers": 2, "d": 32, "heads": 2, "seq": 16}
 
 
@@ -36,6 +40,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = gpt_arguments(__doc__)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=16, help="for the per-micro-batch measurement")
+    p.add_argument("--measure", default=MEASUREMENTS, help="which measurements, comma-separated")
+    p.add_argument("--rounds", type=int, default=30, help="lock-step rounds of the pp = 2 per-micro-batch measurement")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -115,18 +121,40 @@ def main() -> None:
     if run_if_worker(a, _worker):
         return
     shape = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch}
-    lightning, pp1 = _compare(a, "lightning", "pp1")
-    row = {"config": "pp1", **shape, "lightning_step_s": round(lightning, 4), "lightning_mp_step_s": round(pp1, 4)}
-    print(json.dumps({**row, "ratio": round(lightning / pp1, 3)}), flush=True)
-    on, off = _compare(a, "pp2-on", "pp2-off")
-    row = {"config": "metrics", **shape, "on_step_s": round(on, 4), "off_step_s": round(off, 4)}
-    print(json.dumps({**row, "ratio": round(off / on, 3)}), flush=True)
-    plain, runner = _compare(a, "tiny-torch", "tiny-pp1")
-    accumulated = min(_run(a, "tiny-lightning") for _ in range(a.repeats))
-    row = {"config": "per_microbatch", **TINY, "microbatches": a.microbatches, "torch_step_s": round(plain, 4)}
-    row.update(lightning_mp_step_s=round(runner, 4), lightning_accumulate_step_s=round(accumulated, 4))
-    row["overhead_us_per_microbatch"] = round((runner - plain) / a.microbatches * 1e6, 1)
-    print(json.dumps(row), flush=True)
+    chosen = a.measure.split(",")
+    if "pp1" in chosen:
+        lightning, pp1 = _compare(a, "lightning", "pp1")
+        row = {"config": "pp1", **shape, "lightning_step_s": round(lightning, 4), "lightning_mp_step_s": round(pp1, 4)}
+        print(json.dumps({**row, "ratio": round(lightning / pp1, 3)}), flush=True)
+    if "metrics" in chosen:
+        on, off = _compare(a, "pp2-on", "pp2-off")
+        row = {"config": "metrics", **shape, "on_step_s": round(on, 4), "off_step_s": round(off, 4)}
+        print(json.dumps({**row, "ratio": round(off / on, 3)}), flush=True)
+    if "per_microbatch" in chosen:
+        plain, runner = _compare(a, "tiny-torch", "tiny-pp1")
+        accumulated = min(_run(a, "tiny-lightning") for _ in range(a.repeats))
+        row = {"config": "per_microbatch", **TINY, "microbatches": a.microbatches, "torch_step_s": round(plain, 4)}
+        row.update(lightning_mp_step_s=round(runner, 4), lightning_accumulate_step_s=round(accumulated, 4))
+        row["overhead_us_per_microbatch"] = round((runner - plain) / a.microbatches * 1e6, 1)
+        print(json.dumps(row), flush=True)
+    if "per_microbatch_pp2" in chosen:
+        print(json.dumps(_per_microbatch_pp2(a)), flush=True)
+
+
+def _per_microbatch_pp2(a: argparse.Namespace) -> dict:
+    """The tiny model at pp = 2, 1F1B: lightning-mp against torch.distributed.pipelining, in lock step."""
+    import statistics
+
+    from benchmarks import pipeline
+
+    shape = ["--layers", str(TINY["layers"]), "--d", str(TINY["d"]), "--heads", str(TINY["heads"])]
+    shape += ["--seq", str(TINY["seq"]), "--batch", str(a.microbatches), "--microbatches", str(a.microbatches)]
+    times, _ = pipeline._in_lock_step(pipeline._args([*shape, "--steps", str(a.rounds)]), "1f1b")
+    torch_s, lmp_s = statistics.median(times["torch"]), statistics.median(times["lmp"])
+    row = {"config": "per_microbatch_pp2", **TINY, "microbatches": a.microbatches, "schedule": "1f1b"}
+    row.update(torch_step_s=round(torch_s, 4), lightning_mp_step_s=round(lmp_s, 4), vs_torch=round(torch_s / lmp_s, 3))
+    row["overhead_us_per_microbatch"] = round((lmp_s - torch_s) / a.microbatches * 1e6, 1)
+    return row
 
 
 if __name__ == "__main__":

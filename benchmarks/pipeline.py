@@ -78,7 +78,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=1376, help="the SwiGLU MLP's width (--model llama)")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--schedules", default=SCHEDULES)
-    p.add_argument("--repeats", type=int, default=2, help="runs of the lone baselines; the fastest counts")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="runs of the lone baselines, the fastest counting (0: lock step only)"
+    )
     p.add_argument("--worker", choices=["single", "accum", "lmp", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -253,13 +255,15 @@ def main() -> None:
         whole.append(_run(a, "single")["step_s"])
         fair.append(_run(a, "accum")["step_s"])
         loaded.append(_run_pair(a))
-    whole_s, fair_alone_s, loaded_s = min(whole), min(fair), min(loaded)
-    slowdown = loaded_s / fair_alone_s
-    print(json.dumps({"config": "one process, whole batch", **shape, "step_s": round(whole_s, 3)}), flush=True)
-    row = {"config": "one process, micro-batches accumulated", **shape, "step_s": round(fair_alone_s, 3)}
-    print(json.dumps(row), flush=True)
-    row = {"config": "two such processes at once (each)", **shape, "step_s": round(loaded_s, 3)}
-    print(json.dumps({**row, "slowdown": round(slowdown, 3)}), flush=True)
+    whole_s = slowdown = None
+    if a.repeats > 0:
+        whole_s, fair_alone_s, loaded_s = min(whole), min(fair), min(loaded)
+        slowdown = loaded_s / fair_alone_s
+        print(json.dumps({"config": "one process, whole batch", **shape, "step_s": round(whole_s, 3)}), flush=True)
+        row = {"config": "one process, micro-batches accumulated", **shape, "step_s": round(fair_alone_s, 3)}
+        print(json.dumps(row), flush=True)
+        row = {"config": "two such processes at once (each)", **shape, "step_s": round(loaded_s, 3)}
+        print(json.dumps({**row, "slowdown": round(slowdown, 3)}), flush=True)
     for schedule in a.schedules.split(","):
         times, lmp = _in_lock_step(a, schedule)
         fair_s, torch_s, lmp_s = (statistics.median(times[name]) for name in ("fair", "torch", "lmp"))
@@ -279,11 +283,12 @@ def main() -> None:
                 "step_s": round(t, 3),
                 "fair_s": round(fair_s, 3),
                 "speedup": round(fair_s / t, 3),
-                "speedup_whole": round(whole_s / t, 3),
+                "speedup_whole": round(whole_s / t, 3) if whole_s is not None else None,
                 "ideal": round(ideal, 3),
                 "of_ideal": round(fair_s / t / ideal, 3),
-                "of_ideal_loaded": round(fair_s * slowdown / t / ideal, 3),
+                "of_ideal_loaded": round(fair_s * slowdown / t / ideal, 3) if slowdown is not None else None,
             }
+            row = {k: v for k, v in row.items() if v is not None}  # (--repeats 0: no lone baselines)
             if name.startswith("lightning-mp"):
                 row["vs_torch"] = round(torch_s / t, 3)
                 row["vs_torch_rounds"] = [round(x / y, 3) for x, y in zip(times["torch"], times["lmp"])]

@@ -35,10 +35,11 @@ def pipeline_table(rows: list[dict]) -> str:
             ahead = sum(x >= 1 for x in rounds)
             vs += f" (rounds {min(rounds):.2f}–{max(rounds):.2f}, {ahead} of {len(rounds)} ≥ 1)"
         loaded = f"{100 * r['of_ideal_loaded']:.1f}%" if "of_ideal_loaded" in r else ""
+        whole = f"{r['speedup_whole']:.2f}×" if "speedup_whole" in r else ""
         stages = " · ".join(f"{b:.2f} / {w:.2f}" for b, w in zip(r.get("stage_busy_s", []), r.get("stage_wait_s", [])))
         lines.append(
             f"| {model} | {r['config']} | {r['step_s']:.3f} | {r['fair_s']:.3f} | {r['speedup']:.2f}× |"
-            f" {r['speedup_whole']:.2f}× | {r['ideal']:.2f}× | {100 * r['of_ideal']:.1f}% | {loaded} | {vs} |"
+            f" {whole} | {r['ideal']:.2f}× | {100 * r['of_ideal']:.1f}% | {loaded} | {vs} |"
             f" {stages} |"
         )
     return "\n".join(lines)
@@ -171,6 +172,13 @@ def overhead_table(rows: list[dict]) -> str:
                 f" accumulating: {r['lightning_accumulate_step_s'] * 1e3:.1f} ms) |"
                 f" {r['lightning_mp_step_s'] * 1e3:.1f} ms/step | +{r['overhead_us_per_microbatch']:.0f} µs per"
                 " micro-batch |"
+            )
+        elif r["config"] == "per_microbatch_pp2":
+            lines.append(
+                f"| per micro-batch at pp = 2 ({r['schedule']}, the same {r['microbatches']} micro-batches and"
+                f" model) | torch.distributed.pipelining: {r['torch_step_s'] * 1e3:.1f} ms/step |"
+                f" {r['lightning_mp_step_s'] * 1e3:.1f} ms/step | {r['vs_torch']:.2f}×,"
+                f" +{r['overhead_us_per_microbatch']:.0f} µs per micro-batch |"
             )
     return "\n".join(lines)
 

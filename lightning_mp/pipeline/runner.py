@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -29,7 +30,7 @@ from lightning_mp.pipeline.microbatch import batch_size_of, concat_microbatches,
 from lightning_mp.pipeline.stage import StageRuntime
 from lightning_mp.pipeline.weight_grads import DeferredWeightGrads
 from lightning_mp.plan.schedules import DEFERRING, build_schedule, forward_only, tick_plan
-from lightning_mp.runtime.messages import P2P, all_gather_objects, broadcast_object
+from lightning_mp.runtime.messages import P2P, all_gather_bytes, broadcast_object, dump_object, load_object
 from lightning_mp.runtime.tree import tree_leaves
 
 log = logging.getLogger("lightning_mp")
@@ -224,11 +225,11 @@ class PipelineRunner:
         if stats is None or self.monitor is None:
             shared_loss, combined = self._from_last_stage(payload)
         else:
-            everyone = [(payload, stats)]
+            stages = [stats]
             if len(self.pp_ranks) > 1:
-                everyone = all_gather_objects((payload, stats), self.pp_group, self.device)
-            shared_loss, combined = everyone[self.final_rank][0]
-            stages = [s for _, s in everyone]
+                shared, stages = self._gather_stats(payload, stats)
+                payload = payload if self.runtime.is_last else shared
+            shared_loss, combined = payload
             self.timelines.append(stages)
             metrics = self.monitor.update(stages)
             metrics["pipeline/bubble_ideal"] = ideal_bubble(self.schedule, len(stages), self.microbatches, self.chunks)
@@ -240,6 +241,17 @@ class PipelineRunner:
             self._advise()
         replay_logs(self.module, combined, batch_size)
         return shared_loss
+
+    def _gather_stats(self, payload: Any, stats: StepStats) -> tuple[Any, list[StepStats]]:
+        """(the last stage's ``payload``, every stage's ``stats``) on every stage, in one collective for a step of
+        usual size. The stats (numbers) travel pickled; the payload (loss and logged values: tensors, metric states)
+        is saved by its one sender and loaded only by the others: ~0.5 ms less per step than saving and loading
+        everything as objects."""
+        saved = dump_object(payload) if self.runtime.is_last else None
+        everyone = [pickle.loads(data) for data in all_gather_bytes(pickle.dumps((saved, stats)), self.pp_group,
+                                                                     self.device)]  # fmt: skip
+        shared = None if self.runtime.is_last else load_object(everyone[self.final_rank][0], self.device)
+        return shared, [s for _, s in everyone]
 
     def reset_monitor(self) -> None:
         """Start measuring afresh (after the split changed)."""

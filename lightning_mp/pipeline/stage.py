@@ -269,7 +269,7 @@ class StageRuntime:
                 if self.after_layers is not None:
                     self.after_layers()
             else:
-                if state.grad_enabled and self._trains_own_layers() and not _carries_grad(output):
+                if state.grad_enabled and not _carries_grad(output) and self._trains_own_layers():
                     raise PipelineError(self._no_grad_message())
                 raise StageDone
         return output

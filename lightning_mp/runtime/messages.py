@@ -120,8 +120,14 @@ def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, device
 
 def all_gather_objects(obj: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any]:
     """Every rank's ``obj`` on every rank of ``group``, in group-rank order: one collective for small objects."""
+    return [load_object(data, device) for data in all_gather_bytes(dump_object(obj), group, device)]
+
+
+def all_gather_bytes(data: bytes, group: dist.ProcessGroup | None, device: torch.device) -> list[bytes]:
+    """Every rank's ``data`` on every rank of ``group``, in group-rank order: one collective when each fits in a
+    frame (:data:`FRAME_BYTES`), two otherwise."""
     world = dist.get_world_size(group)
-    frames = encode_frames(dump_object(obj), device)
+    frames = encode_frames(data, device)
     firsts = [torch.empty(FRAME_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(firsts, frames[0], group=group)
     overflows = [frame_overflow(f) for f in firsts]
@@ -134,7 +140,7 @@ def all_gather_objects(obj: Any, group: dist.ProcessGroup | None, device: torch.
         padded = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
         dist.all_gather(padded, mine, group=group)
         rests = [p[:n] if n else None for p, n in zip(padded, overflows)]
-    return [load_object(decode_frames(f, r), device) for f, r in zip(firsts, rests)]
+    return [decode_frames(f, r) for f, r in zip(firsts, rests)]
 
 
 def dump_object(obj: Any) -> bytes:
