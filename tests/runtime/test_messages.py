@@ -53,3 +53,19 @@ def test_objects_land_on_the_receivers_device() -> None:
     sent = {"loss": torch.tensor(1.5), "logs": [torch.ones(2)], "step": 3}
     got = load_object(dump_object(sent), torch.device("meta"))  # the receiver's device, whatever the sender's
     assert got["loss"].device.type == "meta" and got["logs"][0].device.type == "meta" and got["step"] == 3
+
+
+@pytest.mark.parametrize("size", [0, FRAME_BYTES - 8, 2 * FRAME_BYTES + 3])
+def test_all_gather_bytes_returns_each_payload_whole(size: int) -> None:
+    import torch.distributed as dist
+
+    from lightning_mp.runtime.messages import all_gather_bytes
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert all_gather_bytes(payload, None, torch.device("cpu")) == [payload]
+    finally:
+        dist.destroy_process_group()
