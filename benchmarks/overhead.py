@@ -10,9 +10,10 @@ warm-up step, one thread per process, CPU):
   step, against a plain PyTorch loop doing the same forwards, backwards and optimizer step: the difference per
   micro-batch, in µs, is what Lightning and lightning-mp's runner add to each micro-batch (splitting, capture of
   ``self.log``, loss normalisation, executor); Lightning accumulating the same micro-batches is shown beside it;
-- ``per_microbatch_pp2``: the same tiny model at pp = 2, 1F1B, against torch.distributed.pipelining's
-  ``Schedule1F1B`` on the same split (``benchmarks/pipeline.py``'s workers, ``--rounds`` lock-step rounds): what
-  lightning-mp's stage machinery and messages add per micro-batch over torch's, where compute does not hide it.
+- ``per_microbatch_pp2``: the same tiny shape at pp = 2 (its head untied, as torch.distributed.pipelining needs),
+  1F1B, against torch.distributed.pipelining's ``Schedule1F1B`` on the same split (``benchmarks/pipeline.py``'s
+  workers, ``--rounds`` lock-step rounds): what lightning-mp's stage machinery and messages add per micro-batch over
+  torch's, where compute does not hide it.
 
 Usage: ``python benchmarks/overhead.py [--layers 8 --d 512 --seq 128 --batch 32 --steps 5 --measure pp1,...]``.
 """
@@ -122,6 +123,9 @@ def main() -> None:
         return
     shape = {"layers": a.layers, "d": a.d, "seq": a.seq, "batch": a.batch}
     chosen = a.measure.split(",")
+    unknown = sorted(set(chosen) - set(MEASUREMENTS.split(",")))
+    if unknown:
+        raise SystemExit(f"--measure: unknown {', '.join(unknown)}; choose from {MEASUREMENTS}")
     if "pp1" in chosen:
         lightning, pp1 = _compare(a, "lightning", "pp1")
         row = {"config": "pp1", **shape, "lightning_step_s": round(lightning, 4), "lightning_mp_step_s": round(pp1, 4)}

@@ -175,8 +175,8 @@ def overhead_table(rows: list[dict]) -> str:
             )
         elif r["config"] == "per_microbatch_pp2":
             lines.append(
-                f"| per micro-batch at pp = 2 ({r['schedule']}, the same {r['microbatches']} micro-batches and"
-                f" model) | torch.distributed.pipelining: {r['torch_step_s'] * 1e3:.1f} ms/step |"
+                f"| per micro-batch at pp = 2 ({r['schedule']}, the same {r['microbatches']} micro-batches, head"
+                f" untied) | torch.distributed.pipelining: {r['torch_step_s'] * 1e3:.1f} ms/step |"
                 f" {r['lightning_mp_step_s'] * 1e3:.1f} ms/step | {r['vs_torch']:.2f}×,"
                 f" +{r['overhead_us_per_microbatch']:.0f} µs per micro-batch |"
             )

@@ -69,3 +69,23 @@ def test_all_gather_bytes_returns_each_payload_whole(size: int) -> None:
         assert all_gather_bytes(payload, None, torch.device("cpu")) == [payload]
     finally:
         dist.destroy_process_group()
+
+
+def _gather_mixed_sizes(rank: int, store_path: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_mp.runtime.messages import all_gather_bytes
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        sizes = [10, 3 * FRAME_BYTES]  # only rank 1's payload needs a second frame
+        got = all_gather_bytes(bytes([rank + 1]) * sizes[rank], None, torch.device("cpu"))
+        assert got == [bytes([r + 1]) * sizes[r] for r in range(2)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_bytes_across_ranks_when_one_payload_overflows(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gather_mixed_sizes, args=(str(tmp_path / "store"),), nprocs=2, start_method="spawn")
