@@ -38,9 +38,14 @@ def test_single_tensor() -> None:
     assert unflatten(spec, tensors) is t
 
 
+def _payload(size: int) -> bytes:
+    """``size`` bytes: 0..255 repeated, then zeros to the length."""
+    return bytes(range(256)) * (size // 256) + bytes(size % 256)
+
+
 @pytest.mark.parametrize("size", [0, 100, FRAME_BYTES - 8, FRAME_BYTES, 3 * FRAME_BYTES + 5])
 def test_frames_carry_any_payload_size(size: int) -> None:
-    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    payload = _payload(size)
     frames = encode_frames(payload, torch.device("cpu"))
     assert frames[0].numel() == FRAME_BYTES
     assert frame_overflow(frames[0]) == (frames[1].numel() if len(frames) > 1 else 0)
@@ -65,7 +70,7 @@ def test_all_gather_bytes_returns_each_payload_whole(size: int) -> None:
         pytest.skip("a process group is already set up in this process")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        payload = _payload(size)
         assert all_gather_bytes(payload, None, torch.device("cpu")) == [payload]
     finally:
         dist.destroy_process_group()
